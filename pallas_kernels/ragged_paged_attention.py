@@ -1,0 +1,122 @@
+"""Ragged paged attention: one call for a batch mixing prefill chunks and decodes over a paged KV cache.
+
+Legend: T tokens, S sequences, N q-heads, K kv-heads (N % K == 0), G = N // K q-heads per kv-head, H head_dim,
+P pages (blocks), B tokens per page, M pages per sequence in the block table, C context positions (M * B).
+
+Sequence s owns query tokens [query_start_loc[s], query_start_loc[s + 1]); they are its last q_len positions, so
+query token i of s sits at position seq_lens[s] - q_len + i and attends causally to positions <= its own (and,
+with a sliding window W, to positions > its own - W).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
+    """Write the step's new keys/values into their slots. With donated pages XLA updates them in place.
+
+    k_pages, v_pages: [K, P, B, H]; k, v: [T, K, H]; slot_mapping: i32[T] (page * B + offset).
+    """
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+
+    def write(pages, new):
+        flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+        flat = flat.at[:, slot_mapping].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
+        return flat.reshape(pages.shape)
+
+    return write(k_pages, k), write(v_pages, v)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [K, P, B, H]
+    v_pages: jax.Array,  # [K, P, B, H]
+    block_tables: jax.Array,  # i32[S, M]
+    seq_lens: jax.Array,  # i32[S]
+    query_start_loc: jax.Array,  # i32[S + 1]
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    token_chunk: int = 64,
+) -> jax.Array:  # [T, N, H]
+    """Pure-jnp reference, also the CPU serving path: gathers each token's context from the pages.
+
+    Tokens are processed in chunks of `token_chunk` so the gathered context stays bounded in memory.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    num_seqs, pages_per_seq = block_tables.shape
+    group = num_q_heads // num_kv_heads
+    context = pages_per_seq * page_size
+
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], token, side="right"), num_seqs - 1)
+    q_len = query_start_loc[seq + 1] - query_start_loc[seq]
+    q_pos = seq_lens[seq] - q_len + (token - query_start_loc[seq])  # [T]
+    is_real = token < query_start_loc[-1]
+
+    k_flat = k_pages.reshape(num_kv_heads, -1, head_dim)
+    v_flat = v_pages.reshape(num_kv_heads, -1, head_dim)
+    kv_pos = jnp.arange(context, dtype=jnp.int32)  # [C]
+
+    def attend(args):
+        q_t, seq_t, pos_t = args  # [N, H], [], []
+        slots = block_tables[seq_t][kv_pos // page_size] * page_size + kv_pos % page_size  # [C]
+        k_ctx = k_flat[:, slots].astype(jnp.float32)  # [K, C, H]
+        v_ctx = v_flat[:, slots].astype(jnp.float32)
+        q_g = q_t.reshape(num_kv_heads, group, head_dim).astype(jnp.float32)
+        logits = jnp.einsum("KGH,KCH->KGC", q_g, k_ctx) * scale
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        visible = kv_pos <= pos_t
+        if sliding_window is not None:
+            visible &= kv_pos > pos_t - sliding_window
+        logits = jnp.where(visible, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("KGC,KCH->KGH", probs, v_ctx).reshape(num_q_heads, head_dim)
+
+    out = jax.lax.map(attend, (q, seq, q_pos), batch_size=min(token_chunk, num_tokens))
+    return jnp.where(is_real[:, None, None], out, 0).astype(q.dtype)
+
+
+def _check_shapes(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc):
+    if q.ndim != 3 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"expected q [T, N, H] and pages [K, P, B, H]; got q {q.shape}, k {k_pages.shape}, "
+                         f"v {v_pages.shape}")
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_pages.shape[0]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if k_pages.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and pages ({k_pages.shape[3]}) differ")
+    num_seqs = block_tables.shape[0]
+    if seq_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"block_tables {block_tables.shape}, seq_lens {seq_lens.shape} and query_start_loc "
+                         f"{query_start_loc.shape} disagree on the number of sequences")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "decode_only", "backend"))
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    decode_only: bool = False,
+    backend: str = "reference",
+) -> jax.Array:
+    """Attention of the step's queries over their paged context; the step's own K/V must already be written."""
+    _check_shapes(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc)
+    if backend != "reference":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return ragged_paged_attention_reference(
+        q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
