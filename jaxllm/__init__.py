@@ -1,0 +1,19 @@
+"""jaxllm: vLLM's job done in JAX/XLA — a paged KV cache, continuous batching and Pallas GPU kernels.
+
+    from jaxllm import LLM, SamplingParams
+    outputs = LLM().generate(["Hello"], SamplingParams(max_tokens=32))
+"""
+
+from jaxllm.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
+from jaxllm.config import EngineConfig
+from jaxllm.engine import EngineStats, LLMEngine
+from jaxllm.llm import LLM
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM", "SamplingParams", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "EngineStats", "RequestOutput",
+    "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "__version__",
+]

@@ -13,6 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import REFERENCE, resolve_backend
+from pallas_kernels.decode_attention import DecodeConfig, decode_attention_triton
+from pallas_kernels.ragged_attention_kernel import RaggedConfig, ragged_attention_triton
+
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
     """Write the step's new keys/values into their slots. With donated pages XLA updates them in place.
@@ -98,25 +102,43 @@ def _check_shapes(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc):
                          f"{query_start_loc.shape} disagree on the number of sequences")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "decode_only", "backend"))
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "sliding_window", "soft_cap", "decode_only", "backend", "ragged_config", "decode_config", "interpret"))
 def ragged_paged_attention(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    block_tables: jax.Array,
-    seq_lens: jax.Array,
-    query_start_loc: jax.Array,
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [K, P, B, H]
+    v_pages: jax.Array,  # [K, P, B, H]
+    block_tables: jax.Array,  # i32[S, M]
+    seq_lens: jax.Array,  # i32[S]
+    query_start_loc: jax.Array,  # i32[S + 1]
     *,
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     decode_only: bool = False,
-    backend: str = "reference",
-) -> jax.Array:
-    """Attention of the step's queries over their paged context; the step's own K/V must already be written."""
+    backend: str = "auto",
+    ragged_config: RaggedConfig | None = None,
+    decode_config: DecodeConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [T, N, H]
+    """Attention of the step's queries over their paged context; the step's own K/V must already be written.
+
+    backend: "auto" (Pallas Triton kernels on a GPU, the jnp reference elsewhere), "triton" or "reference".
+    decode_only: every sequence brings exactly one token; selects the flash-decoding kernel.
+    interpret: run the Pallas kernels in the CPU interpreter (tests).
+    Padding tokens (after query_start_loc[-1]) get a zero output.
+    """
     _check_shapes(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc)
-    if backend != "reference":
-        raise ValueError(f"unknown attention backend {backend!r}")
-    return ragged_paged_attention_reference(
-        q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
-        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None; got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap must be > 0 or None; got {soft_cap}")
+    backend = resolve_backend(backend)
+    args = (q, k_pages, v_pages, block_tables, seq_lens, query_start_loc)
+    knobs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend == REFERENCE:
+        return ragged_paged_attention_reference(*args, **knobs)
+    if decode_only:
+        return decode_attention_triton(*args, **knobs, config=decode_config or DecodeConfig(),
+                                       interpret=interpret)
+    return ragged_attention_triton(*args, **knobs, config=ragged_config or RaggedConfig(), interpret=interpret)

@@ -1,0 +1,82 @@
+"""Weight loading: `load_model(path)` -> (model, params, model_config) from an HF directory, a GGUF file or dummies.
+
+Pickled checkpoints (`.bin`, `.pt`, `.pth`) are never read: unpickling runs arbitrary code from the model directory.
+jaxllm has no pickle reader at all, so `allow_pickle=True` changes only the error (it cannot make such a load work);
+convert the checkpoint to safetensors instead.
+"""
+
+import os
+
+from jaxllm.loading.dummy import dummy_params
+from jaxllm.loading.loader import TensorSource, load_params, resolve_dtype
+from jaxllm.loading.safetensors import SafetensorsSource
+from jaxllm.model_config import ModelConfig
+from jaxllm.models.registry import build_model
+from jaxllm.sharding import make_mesh
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def load_model(model: str | os.PathLike | ModelConfig, *, dtype: str = "auto", load_format: str = "auto",
+               mesh=None, trust_remote_code: bool = False, allow_pickle: bool = False,
+               attention_backend: str = "auto", seed: int = 0):
+    """-> (model, params, model_config).
+
+    `model`: an HF directory (config.json + safetensors), a `.gguf` file, or (dummy only) a ModelConfig.
+    `load_format`: auto | safetensors | gguf | dummy (random weights made on the devices, for benchmarks).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not supported; choose one of {LOAD_FORMATS}")
+    mesh = make_mesh(1) if mesh is None else mesh
+    if isinstance(model, ModelConfig):
+        if load_format != "dummy":
+            raise ValueError("a ModelConfig carries no weights: pass load_format='dummy' or a model path")
+        return _dummy(model, dtype, mesh, attention_backend, seed)
+    path = os.fspath(model)
+    is_gguf = os.path.isfile(path) and path.endswith(".gguf")
+    if load_format == "gguf" or (is_gguf and load_format in ("auto", "dummy")):
+        from jaxllm.loading.gguf import read_gguf  # the gguf package is only needed for GGUF files
+
+        checkpoint = read_gguf(path)
+        config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
+        if load_format == "dummy":
+            return _dummy(config, dtype, mesh, attention_backend, seed)
+        return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh,
+                               attention_backend=attention_backend)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {path!r} is neither a directory nor a .gguf file")
+    config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if load_format == "dummy":
+        return _dummy(config, dtype, mesh, attention_backend, seed)
+    files = os.listdir(path)
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+        if pickles and not allow_pickle:
+            raise ValueError(f"{path} holds only pickled weights {pickles[:3]}; jaxllm refuses to unpickle files "
+                             f"(it can run arbitrary code). Convert them to safetensors.")
+        if pickles:
+            raise NotImplementedError(f"allow_pickle=True, but jaxllm has no pickle reader by design; convert "
+                                      f"{pickles[:3]} to safetensors")
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    return load_checkpoint(config, SafetensorsSource.from_dir(path), dtype=dtype, mesh=mesh,
+                           attention_backend=attention_backend)
+
+
+def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "auto", mesh=None,
+                    attention_backend: str = "auto"):
+    """Any tensor source with HF names + its config -> (model, params, model_config). GGUF callers that also need
+    the file's tokenizer read the file once and come here."""
+    mesh = make_mesh(1) if mesh is None else mesh
+    model = build_model(config, mesh=mesh, attention_backend=attention_backend)
+    return model, load_params(source, model, dtype=dtype, mesh=mesh), config
+
+
+def _dummy(config: ModelConfig, dtype: str, mesh, attention_backend: str, seed: int):
+    model = build_model(config, mesh=mesh, attention_backend=attention_backend)
+    params = dummy_params(model, dtype=resolve_dtype(dtype, config), mesh=mesh, seed=seed)
+    return model, params, config
+
+
+__all__ = ["LOAD_FORMATS", "SafetensorsSource", "TensorSource", "dummy_params", "load_checkpoint", "load_model",
+           "load_params"]

@@ -1,0 +1,285 @@
+"""Kernel timings on the GPU: the card's ceilings, paged decode attention and causal prefill, with baselines.
+
+    PYTHONPATH=. python3 benchmarks/kernels.py [--sweep] [--out DIR]
+
+Prints, in one run: measured copy bandwidth (read + write) and bf16 matmul rate; decode attention at 32 q / 8 kv
+heads, d = 128, block 16, batch 1/8/64/256 x context 1k/4k/16k/32k (us and KV bytes read per second) for
+jaxllm's kernel, JAX's own jax.experimental.pallas.ops.gpu.paged_attention and the XLA reference; causal prefill
+TFLOP/s at 1k/4k/8k (one sequence, all of its K/V in pages) with JAX's own flash attention (mha, unpaged) as
+baseline; and the time of write_kv on a donated cache. --sweep also times tuning variants. Timings are the median
+of 3 runs of a jitted loop of n calls (so host dispatch is out), each call's input made to depend on the last
+output; KV caches are filled with random data.
+"""
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import math
+import pathlib
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels.decode_attention import DecodeConfig
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
+from pallas_kernels.ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv,
+)
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+from jax.experimental.pallas.ops.gpu import attention as jax_attention  # noqa: E402
+from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa: E402
+
+N_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+REFERENCE_MAX_KV_BYTES = 2.2e9  # the gather reference materialises f32 context: skip it above this
+
+
+def loop_time(fn, args, *, target_s=0.15, repeats=3) -> float:
+    """Seconds per call of fn(*args), from a jitted fori_loop (one dispatch for n calls).
+
+    Each call's first argument gets one element from the previous output, so XLA can neither hoist the call
+    out of the loop nor drop it; the update is in place on the loop carry.
+    """
+
+    @jax.jit
+    def run(n, args):
+        def body(_, args):
+            out = fn(*args)
+            x = args[0]
+            at = (0,) * x.ndim
+            x = x.at[at].set(x[at] + (out.ravel()[0] * 0).astype(x.dtype))
+            return (x, *args[1:])
+
+        return lax.fori_loop(0, n, body, args)[0]
+
+    jax.block_until_ready(run(1, args))  # compile + warm up
+    start = time.perf_counter()
+    jax.block_until_ready(run(2, args))
+    n = max(1, min(1000, int(target_s / max((time.perf_counter() - start) / 2, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(n, args))
+        times.append((time.perf_counter() - start) / n)
+    return float(np.median(times))
+
+
+def copy_bandwidth() -> float:
+    x = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.float32)  # 1 GiB
+    seconds = loop_time(lambda x: x * 1.0001, (x,))
+    return 2 * x.nbytes / seconds
+
+
+def matmul_rate() -> float:
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+    return 2 * 8192 ** 3 / loop_time(jnp.dot, (a, b))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def random_pages(num_pages: int, seed: int) -> jax.Array:
+    """[K, P, B, H] bf16 of random values: one random slab tiled (tile and slice fuse into one pass), so a 34 GB
+    cache needs neither 68 GB of RNG bits nor a second copy."""
+    slab = min(num_pages, 16384)
+    base = jax.random.normal(jax.random.key(seed), (KV_HEADS, slab, PAGE, HEAD_DIM), jnp.bfloat16)
+    return jnp.tile(base, (1, -(-num_pages // slab), 1, 1))[:, :num_pages]
+
+
+@dataclasses.dataclass
+class DecodeShape:
+    batch: int
+    context: int
+
+    def build(self):
+        pages_per_seq = self.context // PAGE
+        num_pages = 1 + self.batch * pages_per_seq
+        rng = np.random.default_rng(self.batch * 7 + self.context)
+        tables = (1 + rng.permutation(num_pages - 1)).reshape(self.batch, pages_per_seq).astype(np.int32)
+        q = jax.random.normal(jax.random.key(3), (self.batch, N_HEADS, HEAD_DIM), jnp.bfloat16)
+        return dict(q=q, k=random_pages(num_pages, 4), v=random_pages(num_pages, 5), tables=jnp.asarray(tables),
+                    lens=jnp.full((self.batch,), self.context, jnp.int32),
+                    qsl=jnp.arange(self.batch + 1, dtype=jnp.int32))
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.batch * self.context * KV_HEADS * HEAD_DIM * 2 * 2
+
+
+def time_decode(shape: DecodeShape, impls: dict, data=None) -> dict:
+    d = data or shape.build()
+    scale = HEAD_DIM ** -0.5
+    fns = {
+        "jaxllm": lambda q, k, v, t, l, s, cfg=None: ragged_paged_attention(
+            q, k, v, t, l, s, scale=scale, decode_only=True, backend="triton", decode_config=cfg),
+        "jax_paged_attention": lambda q, k, v, t, l, s: jax_paged.paged_attention(q * scale, k, v, t, l),
+        "xla_reference": lambda q, k, v, t, l, s: ragged_paged_attention_reference(q, k, v, t, l, s, scale=scale),
+    }
+    args = (d["q"], d["k"], d["v"], d["tables"], d["lens"], d["qsl"])
+    out = {}
+    for name, cfg in impls.items():
+        base = name.split(":")[0]
+        if base == "xla_reference" and shape.kv_bytes > REFERENCE_MAX_KV_BYTES:
+            continue
+        fn = fns[base] if cfg is None else (lambda *a, cfg=cfg: fns["jaxllm"](*a, cfg=cfg))
+        try:
+            seconds = loop_time(fn, args)
+            out[name] = dict(us=seconds * 1e6, kv_tbps=shape.kv_bytes / seconds / 1e12)
+        except Exception as e:  # report and go on: one failing variant must not lose the run
+            out[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+    return out
+
+
+def time_prefill(length: int, configs: dict) -> dict:
+    pages = length // PAGE
+    key = jax.random.split(jax.random.key(length), 3)
+    q = jax.random.normal(key[0], (length, N_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(key[1], (KV_HEADS, pages + 1, PAGE, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(key[2], (KV_HEADS, pages + 1, PAGE, HEAD_DIM), jnp.bfloat16)
+    tables = jnp.asarray(1 + np.random.default_rng(length).permutation(pages), jnp.int32)[None]
+    lens, qsl = jnp.array([length], jnp.int32), jnp.array([0, length], jnp.int32)
+    flops = 2 * N_HEADS * HEAD_DIM * length * length  # causal: half of 4 * N * H * L^2
+    scale = HEAD_DIM ** -0.5
+    out = {}
+    for name, cfg in configs.items():
+        if name == "xla_reference":
+            fn = lambda q, k, v: ragged_paged_attention_reference(q, k, v, tables, lens, qsl, scale=scale)
+        elif name == "jax_mha_unpaged":
+            def fn(q, k, v):  # JAX's flash attention on contiguous K/V, kv heads repeated to the q heads
+                kc = jnp.repeat(k[:, 1:].reshape(KV_HEADS, length, HEAD_DIM), N_HEADS // KV_HEADS, axis=0)
+                vc = jnp.repeat(v[:, 1:].reshape(KV_HEADS, length, HEAD_DIM), N_HEADS // KV_HEADS, axis=0)
+                return jax_attention.mha(q[None], jnp.swapaxes(kc, 0, 1)[None], jnp.swapaxes(vc, 0, 1)[None],
+                                         None, sm_scale=scale, causal=True)
+        else:
+            fn = lambda q, k, v, cfg=cfg: ragged_paged_attention(q, k, v, tables, lens, qsl, scale=scale,
+                                                                 backend="triton", ragged_config=cfg)
+        try:
+            seconds = loop_time(fn, (q, k, v), target_s=0.1, repeats=2 if name == "xla_reference" else 3)
+            out[name] = dict(us=seconds * 1e6, tflops=flops / seconds / 1e12)
+        except Exception as e:
+            out[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+    return out
+
+
+def time_write_kv() -> dict:
+    """write_kv of 64 new tokens into a donated 2 GB cache: microseconds if in place, ~ms if it copied."""
+    shape = DecodeShape(64, 4096)
+    d = shape.build()
+    new = jax.random.normal(jax.random.key(9), (64, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    slots = jnp.asarray(np.random.default_rng(0).choice(d["k"].shape[1] * PAGE, 64, replace=False), jnp.int32)
+    step = jax.jit(write_kv, donate_argnums=(0, 1))
+    k, v = step(d["k"], d["v"], new, new, slots)
+    jax.block_until_ready(k)
+    start = time.perf_counter()
+    for _ in range(50):
+        k, v = step(k, v, new, new, slots)
+    jax.block_until_ready(k)
+    seconds = (time.perf_counter() - start) / 50
+    return dict(us=seconds * 1e6, cache_bytes=2 * k.nbytes, copy_would_take_us=2 * 2 * k.nbytes / 3e12 * 1e6)
+
+
+DECODE_VARIANTS = {
+    "jaxllm:c32w4s4": DecodeConfig(block_k=32, num_warps=4, num_stages=4),
+    "jaxllm:c64w4s2": DecodeConfig(block_k=64, num_warps=4, num_stages=2),
+    "jaxllm:c64w4s4": DecodeConfig(block_k=64, num_warps=4, num_stages=4),
+    "jaxllm:c128w4s3": DecodeConfig(block_k=128, num_warps=4, num_stages=3),
+    "jaxllm:c128w8s3": DecodeConfig(block_k=128, num_warps=8, num_stages=3),
+    "jaxllm:c64w4s3x2": DecodeConfig(block_k=64, num_splits=2),
+    "jaxllm:c64w4s3x4": DecodeConfig(block_k=64, num_splits=4),
+}
+PREFILL_VARIANTS = {
+    "jaxllm:r64c64w4s2": RaggedConfig(block_rows=64, block_k=64, num_warps=4, num_stages=2),
+    "jaxllm:r128c32w4s3": RaggedConfig(block_rows=128, block_k=32, num_warps=4, num_stages=3),
+    "jaxllm:r128c64w8s3": RaggedConfig(block_rows=128, block_k=64, num_warps=8, num_stages=3),
+    "jaxllm:r128c128w8s2": RaggedConfig(block_rows=128, block_k=128, num_warps=8, num_stages=2),
+    "jaxllm:r64c128w4s2": RaggedConfig(block_rows=64, block_k=128, num_warps=4, num_stages=2),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also time tuning variants")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--batches", default="1,8,64,256")
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    report = dict(device=device.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+    print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
+
+    def save():
+        if args.out:
+            pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+            pathlib.Path(args.out, "kernels.json").write_text(json.dumps(report, indent=1))
+
+    report["copy_tbps"] = copy_bandwidth() / 1e12
+    report["matmul_tflops"] = matmul_rate() / 1e12
+    print(f"copy {report['copy_tbps']:.2f} TB/s, bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    report["write_kv"] = time_write_kv()
+    print("write_kv", report["write_kv"], flush=True)
+    save()
+
+    if args.sweep:
+        shape = DecodeShape(64, 4096)
+        report["decode_sweep_64x4k"] = time_decode(shape, {"jaxllm": None, **DECODE_VARIANTS})
+        print("decode sweep 64x4k", json.dumps(report["decode_sweep_64x4k"]), flush=True)
+        report["decode_sweep_1x32k"] = time_decode(DecodeShape(1, 32768), {
+            "jaxllm": None, "jaxllm:c64x16": DecodeConfig(num_splits=16), "jaxllm:c64x64": DecodeConfig(num_splits=64),
+            "jaxllm:c64x256": DecodeConfig(num_splits=128)})
+        print("decode sweep 1x32k", json.dumps(report["decode_sweep_1x32k"]), flush=True)
+        report["prefill_sweep_4k"] = time_prefill(4096, {"jaxllm": None, **PREFILL_VARIANTS})
+        print("prefill sweep 4k", json.dumps(report["prefill_sweep_4k"]), flush=True)
+        save()
+
+    report["decode"] = {}
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            shape = DecodeShape(batch, context)
+            row = time_decode(shape, {"jaxllm": None, "jax_paged_attention": None, "xla_reference": None})
+            report["decode"][f"{batch}x{context}"] = row
+            gc.collect()
+            print(f"decode {batch}x{context}", json.dumps(row), flush=True)
+            save()
+    report["prefill"] = {}
+    for length in (1024, 4096, 8192):
+        report["prefill"][length] = time_prefill(length, {"jaxllm": None, "jax_mha_unpaged": None,
+                                                          "xla_reference": None})
+        print(f"prefill {length}", json.dumps(report["prefill"][length]), flush=True)
+        save()
+
+    print_table(report)
+
+
+def print_table(report):
+    copy = report["copy_tbps"]
+    print(f"\n{report['device']} | copy {copy:.2f} TB/s | bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s")
+    print(f"{'decode BxC':>12} {'jaxllm us':>10} {'TB/s':>6} {'%copy':>6} {'jax us':>9} {'TB/s':>6} {'x jax':>6} "
+          f"{'xla us':>9}")
+    for key, row in report["decode"].items():
+        ours, theirs, xla = (row.get(n, {}) for n in ("jaxllm", "jax_paged_attention", "xla_reference"))
+        if "us" not in ours:
+            print(f"{key:>12} {ours.get('error', '')[:90]}")
+            continue
+        speedup = theirs["us"] / ours["us"] if "us" in theirs else math.nan
+        print(f"{key:>12} {ours['us']:10.1f} {ours['kv_tbps']:6.2f} {100 * ours['kv_tbps'] / copy:5.0f}% "
+              f"{theirs.get('us', math.nan):9.1f} {theirs.get('kv_tbps', math.nan):6.2f} {speedup:6.2f} "
+              f"{xla.get('us', math.nan):9.1f}")
+    print(f"{'prefill L':>12} {'jaxllm TF/s':>12} {'%mm':>5} {'jax mha TF/s':>13} {'xla TF/s':>9}")
+    for length, row in report["prefill"].items():
+        ours = row.get("jaxllm", {})
+        print(f"{length:>12} {ours.get('tflops', math.nan):12.1f} "
+              f"{100 * ours.get('tflops', math.nan) / report['matmul_tflops']:4.0f}% "
+              f"{row.get('jax_mha_unpaged', {}).get('tflops', math.nan):13.1f} "
+              f"{row.get('xla_reference', {}).get('tflops', math.nan):9.2f}")
+    print("write_kv (donated):", f"{report['write_kv']['us']:.1f} us")
+
+
+if __name__ == "__main__":
+    main()

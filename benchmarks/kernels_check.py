@@ -1,0 +1,101 @@
+"""GPU correctness of the Pallas attention kernels against the jnp reference; run before every kernel timing.
+
+    PYTHONPATH=. python3 benchmarks/kernels_check.py [--out DIR]
+
+Each case draws fresh random data, fills freed device memory with NaN first (so an output element the kernel
+forgets to write most likely reads NaN), runs the kernel and the reference in float32 on the same inputs, and
+compares the real tokens by ||out - ref|| / ||ref||: bf16/fp16 must be <= 1e-2, fp32 <= 1e-4. Exit status 1 on
+any failure.
+"""
+
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.ragged_batch import make_ragged_batch
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def poison_free_memory(num_bytes: int = 1 << 30) -> None:
+    """Leave NaN in memory the allocator is about to hand out again."""
+    jnp.full((num_bytes // 4,), jnp.nan, jnp.float32).block_until_ready()
+
+
+def cases():
+    """(name, q_lens, ctx_lens, N, K, H, B, window, cap, dtype, decode_only): the issue's product, trimmed."""
+    mixed_q = [1, 3, 16, 17, 255, 513]
+    mixed_ctx = [37, 100, 16, 530, 300, 1100]  # not multiples of the block size; 16 = a fresh prefill
+    decode_ctx = [1, 17, 1000, 4099, 33, 250]
+    # Window and soft-cap alternate over the head configurations (each is on for half of them), to keep the
+    # number of compiles, and so the device time, down.
+    toggles = itertools.cycle([(None, None), (64, 30.0), (None, 30.0), (200, None)])
+    for ((n, k), h), (window, cap) in zip(itertools.product([(8, 8), (32, 8), (64, 8)], [64, 128]), toggles):
+        yield ("mixed", mixed_q, mixed_ctx, n, k, h, 16, window, cap, "bfloat16", False)
+        yield ("decode", [1] * 6, decode_ctx, n, k, h, 16, window, cap, "bfloat16", True)
+    for dtype, decode in itertools.product(["float32", "float16"], [False, True]):
+        yield ("dtype", [1] * 6 if decode else mixed_q, decode_ctx if decode else mixed_ctx, 32, 8, 128, 32,
+               None, None, dtype, decode)
+    for h, b in [(80, 16), (96, 64), (256, 16)]:
+        yield ("head_dim", mixed_q, mixed_ctx, 16, 2, h, b, None, None, "bfloat16", False)
+        yield ("head_dim", [1] * 6, decode_ctx, 16, 2, h, b, None, None, "bfloat16", True)
+    yield ("long_decode", [1], [32768], 32, 8, 128, 16, None, None, "bfloat16", True)
+    yield ("long_prefill", [2048, 1], [4096, 5000], 32, 8, 128, 16, None, None, "bfloat16", False)
+
+
+def run_case(case, seed):
+    name, q_lens, ctx_lens, n, k, h, b, window, cap, dtype, decode = case
+    # Decode batches are padded as the runner pads them: T == S, padding sequences' tokens after the real ones.
+    batch = make_ragged_batch(q_lens, ctx_lens, num_q_heads=n, num_kv_heads=k, head_dim=h, page_size=b,
+                              dtype=jnp.dtype(dtype), pad_tokens=2 if decode else 3, pad_seqs=2 if decode else 1,
+                              seed=seed)
+    knobs = dict(scale=h ** -0.5, sliding_window=window, soft_cap=cap)
+    poison_free_memory()
+    out = ragged_paged_attention(*batch.args, **knobs, decode_only=decode, backend="triton")
+    f32 = [a.astype(jnp.float32) if a.dtype != jnp.int32 else a for a in batch.args]
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(ragged_paged_attention_reference, static_argnames=tuple(knobs))(*f32, **knobs)
+    real = batch.num_real_tokens
+    out32, ref32 = np.asarray(out.astype(jnp.float32)), np.asarray(ref)
+    err = float(np.linalg.norm(out32[:real] - ref32[:real]) / np.linalg.norm(ref32[:real]))
+    pad_ok = bool(np.all(out32[real:] == 0))
+    ok = bool(np.isfinite(out32).all()) and err <= TOLERANCE[dtype] and pad_ok
+    return dict(name=name, q_lens=q_lens, ctx_lens=ctx_lens, heads=f"{n}/{k}", head_dim=h, block=b,
+                window=window, soft_cap=cap, dtype=dtype, decode_only=decode, rel_err=err, padding_zero=pad_ok,
+                ok=ok)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None, help="folder for kernels_check.json")
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    results, start = [], time.time()
+    for seed, case in enumerate(cases()):
+        try:
+            row = run_case(case, seed)
+        except Exception as e:  # a compile failure is a failed case, reported with the rest
+            row = dict(name=case[0], case=repr(case), ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+        results.append(row)
+        print(("ok  " if row["ok"] else "FAIL"), {k: v for k, v in row.items() if k != "ok"}, flush=True)
+    failed = [r for r in results if not r["ok"]]
+    worst = {d: max((r["rel_err"] for r in results if r.get("dtype") == d and "rel_err" in r), default=None)
+             for d in TOLERANCE}
+    print(f"kernels_check: {len(results) - len(failed)}/{len(results)} passed in {time.time() - start:.0f} s; "
+          f"worst rel err {worst}", flush=True)
+    if args.out:
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out, "kernels_check.json").write_text(json.dumps(results, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""EngineConfig: every knob of the engine, with vLLM's names and defaults, validated once here."""
+
+import dataclasses
+
+_DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_BLOCK_SIZES = (8, 16, 32, 64)
+
+# On CPU there is no device memory to measure: the KV cache gets this many bytes unless configured.
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
+# The chunked-prefill token budget when none is given (vLLM uses 8192-16384 on 80 GB cards; the CPU is far slower).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"gpu": 8192, "cpu": 512}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine configuration; the field names are vLLM's `LLM(...)` / `jaxllm serve` arguments."""
+
+    model: str | None = None  # a model directory or .gguf file; None = the default model (SmolLM2-135M-Instruct)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    swap_space: float = 4  # GiB of host memory for swapped-out KV blocks per device
+    enforce_eager: bool = False  # skip compiling every bucket at start-up; buckets then compile on first use
+    seed: int = 0
+    load_format: str = "auto"
+    enable_prefix_caching: bool = True
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # .bin/.pt checkpoints are pickles: refused unless explicitly allowed
+    kv_cache_memory_bytes: int | None = None  # fixes the KV cache size instead of measuring free device memory
+    attention_backend: str = "auto"  # auto | reference | triton | mosaic
+    max_logprobs: int = 20
+    max_num_queued_reqs: int | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self):
+        _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        _require(self.load_format in _LOAD_FORMATS, "load_format",
+                 f"must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        _require(self.quantization in (None, "gguf"), "quantization",
+                 f"{self.quantization!r} is not supported; GGUF checkpoints are dequantized on load")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.block_size,
+                 "max_num_batched_tokens", f"must be >= block_size ({self.block_size})")
+        _require(self.block_size in _BLOCK_SIZES, "block_size", f"must be one of {_BLOCK_SIZES}")
+        _require(self.swap_space >= 0, "swap_space", "must be >= 0")
+        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
+                 "must be > 0")
+        _require(self.attention_backend in ("auto", "reference", "triton", "mosaic"), "attention_backend",
+                 "must be auto, reference, triton or mosaic")
+        _require(0 <= self.max_logprobs <= 20, "max_logprobs", "must be in [0, 20]")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require(ok: bool, field: str, message: str):
+    if not ok:
+        raise ValueError(f"{field} {message}")

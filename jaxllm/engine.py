@@ -1,0 +1,220 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler, the model runner and the output processor.
+
+One step: Scheduler.schedule() -> block copies and swaps -> ModelRunner.execute() (model + on-device sampler) ->
+Scheduler.update() with the sampled ids -> detokenize, stop strings -> RequestOutputs of the requests that moved.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from jaxllm.config import EngineConfig
+from jaxllm.default_model import default_model_name, default_model_path
+from jaxllm.output_processor import OutputProcessor
+from jaxllm.outputs import RequestOutput
+from jaxllm.runtime.inputs import SeqWork
+from jaxllm.runtime.runner import ModelRunner
+from jaxllm.runtime.sampling_metadata import SamplingRow
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduling.block_manager import BlockManager
+from jaxllm.scheduling.scheduler import Scheduler
+from jaxllm.scheduling.scheduler_output import SchedulerOutput
+from jaxllm.scheduling.sequence import SequenceGroup, SequenceStatus
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.validation import validate_request
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+_PADDING_ROW_PARAMS = SamplingParams(temperature=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedRequest:
+    """A validated request, ready for the scheduler (made on any thread; added on the engine's)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    cache_salt: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and exact counters (the server's /metrics reads this)."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+    request_success_total: dict[str, int]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, progress: ProgressFn | None = None):
+        self.config = config
+        model_path = config.model or default_model_path()
+        self.model_name = config.served_model_name or (config.model or default_model_name())
+        self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
+        self.runner = ModelRunner(config, model_path, **({"progress": progress} if progress else {}))
+        self.model_config = self.runner.model_config
+        self.max_model_len = self.runner.kv_plan.max_model_len
+        num_cpu_blocks = int(config.swap_space * 2**30 // self.runner.kv_plan.bytes_per_block)
+        self.block_manager = BlockManager(self.runner.kv_plan.num_blocks, config.block_size, num_cpu_blocks,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=self.runner.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._request_counter = itertools.count()
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._finished_total: dict[str, int] = {}
+
+    def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
+                        arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
+        """Tokenize and validate; raises ValueError (or its ContextLengthExceededError) naming the problem."""
+        params = SamplingParams() if params is None else params
+        text = None
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        elif isinstance(prompt, (list, tuple)):
+            ids = prompt
+        else:
+            raise ValueError(f"prompt must be text, token ids or a dict with prompt_token_ids; got "
+                             f"{type(prompt).__name__}")
+        params = validate_request(ids, params, max_model_len=self.max_model_len,
+                                  vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
+        return ProcessedRequest(request_id, text, [int(t) for t in ids], params,
+                                time.time() if arrival_time is None else arrival_time, cache_salt)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **kwargs) -> None:
+        self.add_processed_request(self.process_request(request_id, prompt, params, **kwargs))
+
+    def add_processed_request(self, request: ProcessedRequest) -> None:
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else None
+        group = SequenceGroup(request.request_id, request.prompt_token_ids, request.params,
+                              arrival_time=request.arrival_time, eos_token_id=eos, cache_salt=request.cache_salt,
+                              prompt=request.prompt)
+        group.seed = self._seed_for(request.params)
+        self.scheduler.add(group)
+
+    def _seed_for(self, params: SamplingParams) -> int:
+        """A seeded request keeps its seed; others get a distinct one derived from the engine's seed."""
+        if params.seed is not None:
+            return params.seed
+        digest = hashlib.sha256(f"{self.config.seed}:{next(self._request_counter)}".encode()).digest()
+        return int.from_bytes(digest[:8], "little")
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.scheduler.abort(request_id)
+            if group is not None:
+                self.outputs.forget(request_id, len(group.seqs))
+
+    def abort_all(self) -> None:
+        self.abort_request(self.scheduler.request_ids())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.runner.swap_out(list(batch.blocks_to_swap_out))
+        self.runner.swap_in(list(batch.blocks_to_swap_in))
+        self.runner.copy_blocks(list(batch.blocks_to_copy))
+        if not batch.scheduled:
+            return self._finished_outputs(self.scheduler.take_finished())
+        now = time.time()
+        for s in batch.scheduled:
+            if s.seq.group.metrics.first_scheduled_time is None:
+                s.seq.group.metrics.first_scheduled_time = now
+                s.seq.group.metrics.time_in_queue = now - s.seq.group.metrics.arrival_time
+                self._prompt_tokens_total += s.seq.group.num_prompt_tokens
+        sampled = self._execute(batch)
+        self.scheduler.update(batch, [int(t) for t in sampled.token_ids[:batch.num_seqs]])
+        return self._process_outputs(batch, sampled)
+
+    def _execute(self, batch: SchedulerOutput):
+        work = [SeqWork(s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
+        rows = [self._sampling_row(s) for s in batch.scheduled]
+        return self.runner.execute(work, rows)
+
+    def _sampling_row(self, s) -> SamplingRow:
+        seq = s.seq
+        if not s.do_sample:
+            return SamplingRow(_PADDING_ROW_PARAMS, (), (), seed=0)
+        return SamplingRow(seq.group.params, seq.prompt_token_ids, seq.output_token_ids, seed=seq.group.seed,
+                           sample_index=seq.sample_index, position=s.seq_len,
+                           eos_token_ids=() if seq.group.params.ignore_eos else tuple(self.tokenizer.eos_token_ids))
+
+    def _process_outputs(self, batch: SchedulerOutput, sampled) -> list[RequestOutput]:
+        now = time.time()
+        groups: dict[str, SequenceGroup] = {}
+        logprobs = getattr(sampled, "logprobs", None)
+        for row, s in enumerate(batch.scheduled):
+            if not s.do_sample:
+                continue
+            seq, group = s.seq, s.seq.group
+            groups[group.request_id] = group
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            group.metrics.last_token_time = now
+            self._generation_tokens_total += 1
+            token = seq.output_token_ids[-1]
+            matched = self.outputs.append(seq, token, *self._row_logprobs(logprobs, row, token))
+            if matched is not None and not seq.is_finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_reason=matched)
+        for group in self.scheduler.take_finished():
+            groups[group.request_id] = group
+        return self._finished_outputs(groups.values(), now)
+
+    def _finished_outputs(self, groups, now: float | None = None) -> list[RequestOutput]:
+        results = []
+        for group in groups:
+            if group.is_finished() and group.metrics.finished_time is None:
+                group.metrics.finished_time = now or time.time()
+                for seq in group.seqs:
+                    reason = seq.finish_reason or "abort"
+                    self._finished_total[reason] = self._finished_total.get(reason, 0) + 1
+            results.append(self.outputs.request_output(group))
+        return results
+
+    @staticmethod
+    def _row_logprobs(logprobs, row: int, token: int):
+        if logprobs is None:
+            return None, None
+        values = {int(t): float(v) for t, v in zip(logprobs.top_ids[row], logprobs.top_logprobs[row])}
+        ranks = {int(t): r + 1 for r, t in enumerate(logprobs.top_ids[row])}
+        values[token] = float(logprobs.token_logprob[row])
+        ranks[token] = int(logprobs.token_rank[row])
+        return values, ranks
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_requests_running=self.scheduler.num_running(), num_requests_waiting=self.scheduler.num_waiting(),
+            kv_cache_usage=bm.usage, prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=bm.prefix_cache_queries, prefix_cache_hits_total=bm.prefix_cache_hits,
+            request_success_total=dict(self._finished_total))
+
+    def close(self) -> None:
+        self.runner.close()

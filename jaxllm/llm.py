@@ -1,0 +1,93 @@
+"""LLM: the offline API, vLLM's names and semantics: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine import LLMEngine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+Prompt = str | dict | list[int]
+
+
+class LLM:
+    """An engine for offline batched generation. Also a context manager; `close()` frees device memory."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order. Prompts are text, token ids, or
+        {"prompt_token_ids": [...]} / {"prompt": "..."} dicts."""
+        prompts = _as_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence | None = None,
+             *, use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.llm_engine.tokenizer
+        prompts = [{"prompt_token_ids": tokenizer.encode(
+            tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                          chat_template=chat_template), add_special_tokens=False)}
+                   for c in conversations]
+        return self._run(prompts, _per_prompt(sampling_params, len(prompts)), use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = [str(next(self._ids)) for _ in prompts]
+        added = []
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                engine.add_request(request_id, prompt, p)  # a bad prompt raises before anything runs
+                added.append(request_id)
+        except Exception:
+            engine.abort_request(added)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[i] for i in ids]
+
+    def close(self) -> None:
+        self.llm_engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [{"prompt_token_ids": prompts}]
+    return [{"prompt_token_ids": list(p)} if isinstance(p, (list, tuple)) else p for p in prompts]
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"sampling_params has {len(params)} entries for {count} prompts")
+    return params

@@ -1,0 +1,144 @@
+"""The generic loader: a tensor source + a model's weight map (data, see models/weight_map.py) -> placed params.
+
+Every param is created with `jax.make_array_from_callback` and its final sharding: each device asks the source for
+only its own shard (`read(name, index)`), so no device, and no host buffer, ever holds a full copy it does not need.
+Safetensors directories, GGUF files (whose reader yields HF names and layouts) and test fakes are all sources.
+"""
+
+import dataclasses
+from typing import Iterable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxllm.model_config import ModelConfig
+from jaxllm.models.weight_map import WeightRule, dotted, name_regex
+from jaxllm.sharding import make_mesh, param_sharding
+
+_DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+                "half": jnp.float16}
+
+
+class TensorSource(Protocol):
+    """Checkpoint tensors by Hugging Face name, in Hugging Face layout, read lazily."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> np.dtype: ...
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """Where one param's data lies: rows [offset, offset + size) of checkpoint tensor `name` (columns if transposed,
+    since the param is then [in, out] and the tensor [out, in])."""
+
+    name: str
+    offset: int
+    transpose: bool
+
+
+def resolve_dtype(dtype: str, config: ModelConfig, source: TensorSource | None = None):
+    """"auto" is the checkpoint's dtype (config.json's, else the embedding tensor's); float32 stays float32."""
+    if dtype != "auto":
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(_DTYPE_NAMES)}")
+        return _DTYPE_NAMES[dtype]
+    if config.dtype is not None:
+        return _DTYPE_NAMES[config.dtype]
+    if source is not None and "model.embed_tokens.weight" in source.keys():
+        stored = np.dtype(source.dtype("model.embed_tokens.weight"))
+        for jdt in (jnp.float32, jnp.bfloat16, jnp.float16):
+            if stored == np.dtype(jdt):
+                return jdt
+    return jnp.float32  # e.g. dequantized GGUF tensors: keep what the source produced, losslessly
+
+
+def plan(source: TensorSource, rules: tuple[WeightRule, ...], ignored: tuple[str, ...],
+         shapes: dict[str, tuple[int, ...]]) -> dict[str, _Piece]:
+    """Match every checkpoint tensor to params; raise on an unexpected, misshapen, duplicate or missing one."""
+    compiled = [(rule, rule.regex) for rule in rules]
+    ignored_res = [name_regex(pattern) for pattern in ignored]
+    pieces: dict[str, _Piece] = {}
+    for name in sorted(source.keys()):
+        if any(r.match(name) for r in ignored_res):
+            continue
+        match = next(((rule, m) for rule, regex in compiled if (m := regex.match(name))), None)
+        if match is None:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}: no rule of the model's weight map matches it")
+        rule, m = match
+        targets = rule.targets(m)
+        present = [t in shapes for t in targets]
+        if not any(present) and rule.skip_if_absent:
+            continue
+        if not all(present):
+            raise ValueError(f"unexpected checkpoint tensor {name!r}: the model (as configured) has no param "
+                             f"{[t for t, p in zip(targets, present) if not p]}")
+        expected = _checkpoint_shape(rule, [shapes[t] for t in targets])
+        if tuple(source.shape(name)) != expected:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(source.shape(name))}, the model expects "
+                             f"{expected} (for {', '.join(targets)})")
+        offset = 0
+        for t in targets:
+            if t in pieces:
+                raise ValueError(f"param {t} is given twice: by {pieces[t].name!r} and {name!r}")
+            pieces[t] = _Piece(name, offset, rule.transpose)
+            offset += shapes[t][1] if rule.transpose else shapes[t][0]
+    missing = [p for p in shapes if p not in pieces]
+    if missing:
+        hints = [f"{p} (e.g. {_hf_name_for(p, rules)})" for p in missing[:8]]
+        raise ValueError(f"{len(missing)} params have no checkpoint tensor: {', '.join(hints)}"
+                         + (" ..." if len(missing) > 8 else ""))
+    return pieces
+
+
+def load_params(source: TensorSource, model, *, dtype="auto", mesh: Mesh | None = None) -> dict:
+    """Fill `model.param_shapes(dtype)` from `source` through `model.weight_map`, each param placed on `mesh`."""
+    dtype = resolve_dtype(dtype, model.config, source) if isinstance(dtype, str) else dtype
+    mesh = make_mesh(1) if mesh is None else mesh
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
+    shapes = {dotted(path): leaf.shape for path, leaf in leaves}
+    pieces = plan(source, model.weight_map, model.ignored_weights, shapes)
+    np_dtype = np.dtype(dtype)
+    arrays = []
+    for path, shape in shapes.items():
+        piece = pieces[path]
+        arrays.append(jax.make_array_from_callback(
+            shape, param_sharding(path, shape, mesh),
+            lambda index, piece=piece, shape=shape: _read(source, piece, index, shape, np_dtype)))
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _read(source: TensorSource, piece: _Piece, index: tuple[slice, ...], shape, dtype: np.dtype) -> np.ndarray:
+    """One device's block `index` of a param, read as the matching block of the checkpoint tensor."""
+    bounds = [slice(*s.indices(n)[:2]) for s, n in zip(index, shape)]
+    if piece.transpose:
+        rows, cols = bounds  # param [in, out] <- tensor [out, in]
+        block = source.read(piece.name, (slice(piece.offset + cols.start, piece.offset + cols.stop), rows)).T
+    else:
+        first, *rest = bounds
+        block = source.read(piece.name, (slice(piece.offset + first.start, piece.offset + first.stop), *rest))
+    return np.ascontiguousarray(block.astype(dtype, copy=False))
+
+
+def _checkpoint_shape(rule: WeightRule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if rule.transpose:
+        assert all(len(s) == 2 and s[0] == shapes[0][0] for s in shapes), (rule, shapes)
+        return (sum(s[1] for s in shapes), shapes[0][0])
+    assert all(s[1:] == shapes[0][1:] for s in shapes), (rule, shapes)
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def _hf_name_for(path: str, rules: tuple[WeightRule, ...]) -> str:
+    """A checkpoint name that would fill `path`, for error messages."""
+    for rule in rules:
+        for p in rule.params:
+            m = name_regex(p).match(path)
+            if m:
+                return rule.hf.replace("{i}", m.groupdict().get("i") or "")
+    return "?"

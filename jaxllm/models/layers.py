@@ -1,0 +1,71 @@
+"""Stateless layer functions shared by the decoder models.
+
+Legend: T tokens, D hidden size, F MLP intermediate size, N q-heads, K kv-heads, H head_dim (R = H // 2 rotary
+frequencies), V vocabulary.
+
+Numerics follow Hugging Face so fp32 logits match to ~1e-6 and bf16 rounds where HF rounds: RMSNorm and the rotary
+angles are computed in float32, everything else in the params dtype.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.model_config import ModelConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x [..., D], weight [D]. HF casts back to the input dtype *before* the weight multiply; so do we."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:  # f32[R]
+    """Rotary inverse frequencies, with HF's linear / llama3 (Llama 3.1) scaling. Host constants: no params."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate the band between (Llama 3.1 paper §3).
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions i32[T] -> cos, sin [T, R] in `dtype`: angles in float32, then rounded like HF's `cos.to(x.dtype)`."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, R]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [T, N, H]; cos, sin [T, R]. HF's rotate_half convention: dims i and i + R form a pair (not interleaved)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # [T, N, R] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x [T, I] @ weight [I, O] (+ bias [O]) -> [T, O]."""
+    y = jnp.einsum("TI,IO->TO", x, weight)
+    return y if bias is None else y + bias
+
+
+def mlp(p: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x)); x [T, D] -> [T, D]."""
+    gate = linear(x, p["gate_proj"], p.get("gate_bias"))  # [T, F]
+    up = linear(x, p["up_proj"], p.get("up_bias"))  # [T, F]
+    return linear(jax.nn.silu(gate) * up, p["down_proj"], p.get("down_bias"))

@@ -1,0 +1,136 @@
+"""The Llama decoder family: Llama 1/2/3/3.1, Mistral, Qwen2/2.5, Qwen3 — one implementation, switched by config.
+
+Legend: T tokens, D hidden size, F MLP size, N q-heads, K kv-heads, H head_dim, V vocabulary, L layers.
+
+Why a plain functional model rather than flax.linen: the params are an explicit pytree whose layout *is* the
+weight-map's target, so the loader, the dummy initializer, eval_shape and the sharding table all work from
+`param_shapes()` without tracing an `init`; the forward is a pure function of (params, kv_cache, inputs), which is
+the shape the runner jits with params traced and the cache donated. There is no module state to keep in sync.
+
+Param tree (dtype = the params dtype; "?" = present only when the config says so):
+    embed      [V, D]                  final_norm [D]                  lm_head? [D, V]  (absent when tied)
+    layers[l]: input_norm [D]  q_proj [D, N*H]  k_proj [D, K*H]  v_proj [D, K*H]  o_proj [N*H, D]
+               q_bias?/k_bias?/v_bias? [N*H]/[K*H]/[K*H]  o_bias? [D]  q_norm?/k_norm? [H]
+               post_norm [D]  gate_proj [D, F]  up_proj [D, F]  down_proj [F, D]  gate_bias?/up_bias? [F]  down_bias? [D]
+Projections are [in, out] (HF Linear is [out, in]: the weight map transposes), and q/k/v keep heads flattened so a
+column split over "tp" is a split over heads.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxllm.kv_cache import AttentionMetadata, KVCache
+from jaxllm.model_config import ModelConfig
+from jaxllm.models.attention import attention
+from jaxllm.models.layers import mlp, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxllm.models.weight_map import WeightRule
+
+_LAYER = "model.layers.{i}."
+
+WEIGHT_MAP: tuple[WeightRule, ...] = (
+    WeightRule("model.embed_tokens.weight", ("embed",)),
+    WeightRule("model.norm.weight", ("final_norm",)),
+    WeightRule("lm_head.weight", ("lm_head",), transpose=True, skip_if_absent=True),
+    WeightRule(_LAYER + "input_layernorm.weight", ("layers.{i}.input_norm",)),
+    WeightRule(_LAYER + "post_attention_layernorm.weight", ("layers.{i}.post_norm",)),
+    WeightRule(_LAYER + "self_attn.q_proj.weight", ("layers.{i}.q_proj",), transpose=True),
+    WeightRule(_LAYER + "self_attn.k_proj.weight", ("layers.{i}.k_proj",), transpose=True),
+    WeightRule(_LAYER + "self_attn.v_proj.weight", ("layers.{i}.v_proj",), transpose=True),
+    WeightRule(_LAYER + "self_attn.qkv_proj.weight", ("layers.{i}.q_proj", "layers.{i}.k_proj", "layers.{i}.v_proj"),
+               transpose=True),
+    WeightRule(_LAYER + "self_attn.q_proj.bias", ("layers.{i}.q_bias",)),
+    WeightRule(_LAYER + "self_attn.k_proj.bias", ("layers.{i}.k_bias",)),
+    WeightRule(_LAYER + "self_attn.v_proj.bias", ("layers.{i}.v_bias",)),
+    WeightRule(_LAYER + "self_attn.qkv_proj.bias", ("layers.{i}.q_bias", "layers.{i}.k_bias", "layers.{i}.v_bias")),
+    WeightRule(_LAYER + "self_attn.o_proj.weight", ("layers.{i}.o_proj",), transpose=True),
+    WeightRule(_LAYER + "self_attn.o_proj.bias", ("layers.{i}.o_bias",)),
+    WeightRule(_LAYER + "self_attn.q_norm.weight", ("layers.{i}.q_norm",)),
+    WeightRule(_LAYER + "self_attn.k_norm.weight", ("layers.{i}.k_norm",)),
+    WeightRule(_LAYER + "mlp.gate_proj.weight", ("layers.{i}.gate_proj",), transpose=True),
+    WeightRule(_LAYER + "mlp.up_proj.weight", ("layers.{i}.up_proj",), transpose=True),
+    WeightRule(_LAYER + "mlp.gate_up_proj.weight", ("layers.{i}.gate_proj", "layers.{i}.up_proj"), transpose=True),
+    WeightRule(_LAYER + "mlp.down_proj.weight", ("layers.{i}.down_proj",), transpose=True),
+    WeightRule(_LAYER + "mlp.gate_proj.bias", ("layers.{i}.gate_bias",)),
+    WeightRule(_LAYER + "mlp.up_proj.bias", ("layers.{i}.up_bias",)),
+    WeightRule(_LAYER + "mlp.gate_up_proj.bias", ("layers.{i}.gate_bias", "layers.{i}.up_bias")),
+    WeightRule(_LAYER + "mlp.down_proj.bias", ("layers.{i}.down_bias",)),
+)
+
+# Buffers some checkpoints carry that are derived, not learned: we recompute the rotary frequencies.
+IGNORED: tuple[str, ...] = (_LAYER + "self_attn.rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaForCausalLM:
+    """`kv_cache, logits = model(params, kv_cache, token_ids, metadata, logits_indices=None)`.
+
+    Frozen and hashable, so a runner can close over it or pass it as a static jit argument.
+    """
+
+    config: ModelConfig
+    mesh: Mesh | None = None  # where the params live; the forward itself relies on sharding propagation for now
+    attention_backend: str = "auto"  # pallas_kernels backend: "auto" (from the device) | "reference" | "triton"
+
+    weight_map: ClassVar[tuple[WeightRule, ...]] = WEIGHT_MAP
+    ignored_weights: ClassVar[tuple[str, ...]] = IGNORED
+
+    def param_shapes(self, dtype) -> dict:
+        """The param tree as jax.ShapeDtypeStruct leaves: what the loaders fill and the sharding table covers."""
+        c = self.config
+        d, f, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
+
+        def s(*shape):
+            return jax.ShapeDtypeStruct(shape, dtype)
+
+        def layer():
+            p = {"input_norm": s(d), "q_proj": s(d, q), "k_proj": s(d, kv), "v_proj": s(d, kv), "o_proj": s(q, d),
+                 "post_norm": s(d), "gate_proj": s(d, f), "up_proj": s(d, f), "down_proj": s(f, d)}
+            if c.attention_bias:
+                p |= {"q_bias": s(q), "k_bias": s(kv), "v_bias": s(kv)}
+            if c.o_proj_bias:
+                p["o_bias"] = s(d)
+            if c.qk_norm:
+                p |= {"q_norm": s(c.head_dim), "k_norm": s(c.head_dim)}
+            if c.mlp_bias:
+                p |= {"gate_bias": s(f), "up_bias": s(f), "down_bias": s(d)}
+            return p
+
+        params = {"embed": s(c.vocab_size, d), "layers": [layer() for _ in range(c.num_layers)], "final_norm": s(d)}
+        if not c.tie_word_embeddings:
+            params["lm_head"] = s(d, c.vocab_size)
+        return params
+
+    def __call__(
+        self,
+        params: dict,
+        kv_cache: KVCache,
+        token_ids: jax.Array,  # i32[T]
+        metadata: AttentionMetadata,
+        logits_indices: jax.Array | None = None,  # i32[S] rows of T to project to the vocabulary
+    ) -> tuple[KVCache, jax.Array]:  # kv_cache', f32[S or T, V]
+        c = self.config
+        if kv_cache.num_layers != c.num_layers:
+            raise ValueError(f"kv_cache has {kv_cache.num_layers} layers, model has {c.num_layers}")
+        x = jnp.take(params["embed"], token_ids, axis=0)  # [T, D]
+        cos, sin = rope_cos_sin(metadata.positions, rope_inv_freq(c), x.dtype)  # [T, R]
+        new_k, new_v = [], []
+        for i, p in enumerate(params["layers"]):
+            k_pages, v_pages, h = attention(
+                p, kv_cache.k[i], kv_cache.v[i], rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, metadata,
+                config=c, sliding_window=c.layer_sliding_window(i), backend=self.attention_backend)
+            x = x + h
+            x = x + mlp(p, rms_norm(x, p["post_norm"], c.rms_norm_eps))
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+        if logits_indices is not None:
+            x = x[logits_indices]  # [S, D]: norm and project only the rows that will be sampled
+        x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("TD,VD->TV", x, params["embed"])
+        else:
+            logits = jnp.einsum("TD,DV->TV", x, params["lm_head"])
+        return KVCache(k=tuple(new_k), v=tuple(new_v)), logits.astype(jnp.float32)

@@ -1,0 +1,50 @@
+"""The format of a model's weight name map: rows of data that say which checkpoint tensor fills which param.
+
+A rule `WeightRule(hf="model.layers.{i}.mlp.gate_up_proj.weight", params=("layers.{i}.gate_proj",
+"layers.{i}.up_proj"), transpose=True)` reads: the checkpoint tensor named by the pattern (`{i}` is the layer index)
+is the concatenation, along its axis 0, of the listed params (each transposed first when `transpose`). Split
+checkpoints have one rule per projection, fused ones one rule per fused tensor; a model lists both and a checkpoint
+matches whichever it has. Split sizes come from the params' shapes, so the table needs no numbers.
+
+Param paths are dotted: "embed", "layers.3.q_proj". A rule whose params the model does not have (biases of a model
+without bias, lm_head of a tied model) makes its tensor "unexpected", unless `skip_if_absent` (HF writes a copy of
+the tied embedding as `lm_head.weight` in some checkpoints).
+"""
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRule:
+    hf: str  # checkpoint tensor name pattern; "{i}" matches a layer index
+    params: tuple[str, ...]  # param paths, concatenated along the checkpoint tensor's axis 0
+    transpose: bool = False  # HF Linear stores [out, in]; our params are [in, out]
+    skip_if_absent: bool = False
+
+    def __post_init__(self):
+        if not self.params:
+            raise ValueError(f"rule for {self.hf!r} names no params")
+
+    @property
+    def regex(self) -> re.Pattern:
+        return name_regex(self.hf)
+
+    def targets(self, match: re.Match) -> tuple[str, ...]:
+        """The concrete param paths for one matched tensor name."""
+        layer = match.groupdict().get("i")
+        return tuple(p.replace("{i}", layer) if layer is not None else p for p in self.params)
+
+
+def name_regex(pattern: str) -> re.Pattern:
+    """A name pattern ("model.layers.{i}.mlp.up_proj.weight", or a param path) -> its full-match regex."""
+    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"\Z")
+
+
+def dotted(keypath) -> str:
+    """A jax tree keypath -> the dotted param path the rules use: (DictKey('layers'), SequenceKey(3), ...) ->
+    "layers.3.q_proj"."""
+    parts = []
+    for key in keypath:
+        parts.append(str(getattr(key, "key", getattr(key, "idx", key))))
+    return ".".join(parts)

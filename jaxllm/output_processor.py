@@ -1,0 +1,89 @@
+"""Sampled tokens -> text and RequestOutputs: incremental detokenization, stop strings and logprobs, per sample.
+
+Stop strings are found here on text (the scheduler only sees token ids): a match tells the caller to finish the
+sequence, and text that could still grow into a stop string is held back from the output until it cannot.
+"""
+
+import dataclasses
+
+from jaxllm.detokenizer import DetokenizerState, detokenize_step
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.scheduling.sequence import Sequence, SequenceGroup
+from jaxllm.stop_strings import check_stop_strings
+from jaxllm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class _SampleText:
+    detok: DetokenizerState
+    text: str = ""  # everything decoded so far
+    checked: int = 0  # text[:checked] was checked against the stop strings and released
+    output_text: str = ""  # what the caller sees: text[:checked], or up to the stop string once matched
+    stop_matched: bool = False
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._samples: dict[tuple[str, int], _SampleText] = {}
+
+    def _state(self, seq: Sequence) -> _SampleText:
+        key = (seq.request_id, seq.sample_index)
+        state = self._samples.get(key)
+        if state is None:
+            params = seq.group.params
+            detok = DetokenizerState.start(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+            state = self._samples[key] = _SampleText(detok, logprobs=[] if params.logprobs is not None else None)
+        return state
+
+    def append(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None = None,
+               ranks: dict[int, int] | None = None) -> str | None:
+        """Account for the token just appended to `seq`; returns the stop string it completed, if any (the
+        caller then finishes the sequence with reason "stop")."""
+        params = seq.group.params
+        state = self._state(seq)
+        if logprobs is not None:
+            state.cumulative_logprob += logprobs[token_id]
+            if state.logprobs is not None:
+                state.logprobs.append({t: Logprob(lp, ranks.get(t), self._token_text(t)) for t, lp in logprobs.items()})
+        state.detok, delta = detokenize_step(self.tokenizer, state.detok, [token_id],
+                                             skip_special_tokens=params.skip_special_tokens,
+                                             finished=seq.is_finished)
+        state.text += delta
+        if state.stop_matched:
+            return None
+        if not params.stop:
+            state.output_text = state.text
+            return None
+        send, matched = check_stop_strings(state.text, state.checked, params.stop,
+                                           include_stop_str_in_output=params.include_stop_str_in_output,
+                                           finished=seq.is_finished)
+        state.output_text += send
+        state.checked += len(send)
+        state.stop_matched = matched is not None
+        return matched
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def request_output(self, group: SequenceGroup) -> RequestOutput:
+        outputs = []
+        for seq in sorted(group.seqs, key=lambda s: s.sample_index):
+            state = self._state(seq)
+            outputs.append(CompletionOutput(
+                index=seq.sample_index, text=state.output_text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=state.cumulative_logprob if state.logprobs is not None else None,
+                logprobs=list(state.logprobs) if state.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        finished = group.is_finished() and not group.pending_fork
+        if finished:
+            self.forget(group.request_id, len(group.seqs))
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=list(group.prompt_token_ids), prompt_logprobs=None, outputs=outputs,
+                             finished=finished, num_cached_tokens=group.num_cached_tokens, metrics=group.metrics)
+
+    def forget(self, request_id: str, num_samples: int) -> None:
+        for i in range(num_samples):
+            self._samples.pop((request_id, i), None)

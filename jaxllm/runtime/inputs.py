@@ -1,0 +1,71 @@
+"""Batch -> padded step inputs: one int32 buffer on the host, one transfer, unpacked by static slices on device."""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.kv_cache import NULL_BLOCK, AttentionMetadata
+from jaxllm.runtime.buckets import BatchLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqWork:
+    """One sequence's share of a step: the tokens it computes now and where its KV lives."""
+
+    token_ids: Sequence[int]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0] in the sequence
+    block_table: Sequence[int]  # physical blocks covering positions [0, start_pos + len(token_ids))
+
+
+def _sections(layout: BatchLayout) -> list[tuple[str, tuple[int, ...]]]:
+    t, s, m = layout.num_tokens, layout.num_seqs, layout.max_blocks
+    return [("token_ids", (t,)), ("positions", (t,)), ("slot_mapping", (t,)), ("block_tables", (s, m)),
+            ("seq_lens", (s,)), ("query_start_loc", (s + 1,)), ("logits_indices", (layout.num_logits,))]
+
+
+def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.ndarray:
+    """Lay the batch out in one i32 buffer. Padding tokens write to the null block and belong to no sequence."""
+    arrays = {name: np.zeros(shape, np.int32) for name, shape in _sections(layout)}
+    arrays["slot_mapping"][:] = NULL_BLOCK * block_size
+    arrays["block_tables"][:] = NULL_BLOCK
+    start = 0
+    for s, w in enumerate(work):
+        n = len(w.token_ids)
+        positions = np.arange(w.start_pos, w.start_pos + n, dtype=np.int32)
+        table = np.asarray(w.block_table, np.int32)
+        arrays["token_ids"][start:start + n] = w.token_ids
+        arrays["positions"][start:start + n] = positions
+        arrays["slot_mapping"][start:start + n] = table[positions // block_size] * block_size + positions % block_size
+        arrays["block_tables"][s, :len(table)] = table
+        arrays["seq_lens"][s] = w.start_pos + n
+        start += n
+        arrays["query_start_loc"][s + 1:] = start
+        if not layout.all_logits:
+            arrays["logits_indices"][s] = start - 1
+    if layout.all_logits:
+        arrays["logits_indices"][:] = np.arange(layout.num_tokens)
+    return np.concatenate([a.reshape(-1) for a in arrays.values()])
+
+
+def unpack(buffer: jax.Array, layout: BatchLayout) -> tuple[jax.Array, AttentionMetadata, jax.Array]:
+    """Inside the jitted step: split the buffer back into (token_ids, metadata, logits_indices)."""
+    arrays, offset = {}, 0
+    for name, shape in _sections(layout):
+        size = int(np.prod(shape))
+        arrays[name] = jax.lax.slice(buffer, (offset,), (offset + size,)).reshape(shape)
+        offset += size
+    metadata = AttentionMetadata(
+        positions=arrays["positions"], slot_mapping=arrays["slot_mapping"], block_tables=arrays["block_tables"],
+        seq_lens=arrays["seq_lens"], query_start_loc=arrays["query_start_loc"], decode_only=layout.decode_only)
+    return arrays["token_ids"], metadata, arrays["logits_indices"]
+
+
+def buffer_size(layout: BatchLayout) -> int:
+    return sum(int(np.prod(shape)) for _, shape in _sections(layout))
+
+
+def abstract_buffer(layout: BatchLayout) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32)

@@ -1,0 +1,82 @@
+"""How many KV blocks fit: measured device memory on GPU, a configured byte budget on CPU."""
+
+import dataclasses
+import logging
+import math
+
+import jax
+
+from jaxllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    num_blocks: int  # including the reserved null block
+    block_size: int
+    max_model_len: int
+    bytes_per_block: int  # on one device
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    def describe(self) -> str:
+        concurrency = self.num_tokens / self.max_model_len
+        return (f"KV cache: {self.num_blocks - 1} blocks = {self.num_tokens} tokens, "
+                f"max concurrency at max_model_len {self.max_model_len}: {concurrency:.2f}x")
+
+
+def bytes_per_block(*, num_layers: int, kv_heads_per_device: int, head_dim: int, block_size: int, itemsize: int) -> int:
+    return 2 * num_layers * kv_heads_per_device * block_size * head_dim * itemsize
+
+
+def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_bytes: int) -> int:
+    """Bytes left for the KV cache on one device once the weights (already resident) and the largest step's
+    activations are accounted for."""
+    if config.kv_cache_memory_bytes is not None:
+        return config.kv_cache_memory_bytes
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    limit = stats["bytes_limit"]
+    in_use = stats["bytes_in_use"]
+    budget = int(limit * config.gpu_memory_utilization) - in_use - activation_bytes
+    logger.info("device memory: limit %.2f GiB, weights %.2f GiB, activations %.2f GiB -> KV %.2f GiB",
+                limit / 2**30, in_use / 2**30, activation_bytes / 2**30, budget / 2**30)
+    return budget
+
+
+def plan_kv_cache(config: EngineConfig, *, budget_bytes: int, block_bytes: int, model_max_len: int) -> KVPlan:
+    """Decide the number of blocks and the max_model_len they can serve.
+
+    A max_model_len the user asked for that cannot fit is an error with the numbers and both ways out; one taken
+    from the model's config is clamped to what fits, with a warning (a documented choice: the default model must
+    start on any machine)."""
+    num_blocks = budget_bytes // block_bytes
+    capacity = (num_blocks - 1) * config.block_size
+    if num_blocks < 2:
+        raise ValueError(f"no memory left for the KV cache ({budget_bytes / 2**30:.2f} GiB available, one block "
+                         f"needs {block_bytes / 2**20:.2f} MiB): increase gpu_memory_utilization or "
+                         f"kv_cache_memory_bytes, or use a smaller model")
+    max_model_len = config.max_model_len or model_max_len
+    if config.max_model_len and config.max_model_len > model_max_len:
+        logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
+                       config.max_model_len, model_max_len)
+    if max_model_len > capacity:
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is larger than the maximum number of tokens that can be stored "
+                f"in the KV cache ({capacity}). Try increasing gpu_memory_utilization (or kv_cache_memory_bytes) "
+                f"or decreasing max_model_len.")
+        logger.warning("max_model_len clamped from the model's %d to %d tokens: the KV cache holds no more",
+                       max_model_len, capacity)
+        max_model_len = capacity
+    max_model_len = max(config.block_size, max_model_len)
+    return KVPlan(num_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len,
+                  bytes_per_block=block_bytes)
+
+
+def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
+    return math.ceil(max_model_len / block_size)

@@ -1,0 +1,138 @@
+"""ModelRunner: owns the device state (weights, KV cache) and every jit site of the engine.
+
+One step: pack the batch into one i32 buffer (one host->device transfer), run the jitted model with the KV cache
+donated, sample on device, and bring back only the sampled ids (and requested logprobs).
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import compile_cache, sharding
+from jaxllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from jaxllm.kv_cache import KVCache
+from jaxllm.loading import load_model
+from jaxllm.runtime import block_ops, inputs, kv_sizing
+from jaxllm.runtime.buckets import BatchLayout, BucketPlan
+from jaxllm.runtime.sampler import SamplerOutput, SamplingMetadata, sample
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str, *, progress: ProgressFn = _no_progress):
+        self.config = config
+        compile_cache.enable()
+        self.mesh = sharding.make_mesh(config.tensor_parallel_size)
+        self.platform = self.mesh.devices.flat[0].platform
+        progress("loading weights", 0, 1)
+        self.model, self.params, self.model_config = load_model(
+            model_path, dtype=_resolve_dtype(config.dtype, self.platform), load_format=config.load_format,
+            mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
+            attention_backend=config.attention_backend)
+        progress("loading weights", 1, 1)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(
+            DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
+        self._step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,))
+        self._sample = jax.jit(sample)
+        self.kv_plan = self._plan_kv_cache()
+        logger.info(self.kv_plan.describe())
+        self.kv_cache = KVCache.create(
+            num_layers=self.model_config.num_layers, num_blocks=self.kv_plan.num_blocks,
+            block_size=config.block_size, num_kv_heads=self.model_config.num_kv_heads,
+            head_dim=self.model_config.head_dim, dtype=self.kv_dtype, sharding=sharding.kv_sharding(self.mesh))
+        self.buckets = BucketPlan(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_blocks=kv_sizing.max_blocks_per_seq(self.kv_plan.max_model_len, config.block_size))
+        self.swap_space = block_ops.HostSwapSpace()
+        if not config.enforce_eager:
+            self._compile_all(progress)
+
+    @property
+    def kv_dtype(self):
+        return jax.tree_util.tree_leaves(self.params)[0].dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, layout: BatchLayout):
+        token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
+        return self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
+
+    def _plan_kv_cache(self) -> kv_sizing.KVPlan:
+        model_max_len = self.model_config.max_position_embeddings
+        device = self.mesh.devices.flat[0]
+        activation_bytes = 0
+        if device.platform != "cpu" and self.config.kv_cache_memory_bytes is None:
+            activation_bytes = self._activation_bytes(model_max_len)
+        kv_heads = self.model_config.num_kv_heads
+        tp = self.config.tensor_parallel_size
+        block_bytes = kv_sizing.bytes_per_block(
+            num_layers=self.model_config.num_layers, kv_heads_per_device=max(1, kv_heads // tp),
+            head_dim=self.model_config.head_dim, block_size=self.config.block_size,
+            itemsize=jnp.dtype(self.kv_dtype).itemsize)
+        budget = kv_sizing.kv_budget_bytes(self.config, device, activation_bytes=activation_bytes)
+        return kv_sizing.plan_kv_cache(self.config, budget_bytes=budget, block_bytes=block_bytes,
+                                       model_max_len=model_max_len)
+
+    def _activation_bytes(self, max_model_len: int) -> int:
+        """Peak temporary memory of the largest step, from the compiler, with a tiny stand-in KV cache."""
+        tokens = self.max_num_batched_tokens
+        layout = BatchLayout(tokens, min(tokens, self.config.max_num_seqs),
+                             kv_sizing.max_blocks_per_seq(max_model_len, self.config.block_size), False)
+        mc = self.model_config
+        page = jax.ShapeDtypeStruct((mc.num_kv_heads, 2, self.config.block_size, mc.head_dim), self.kv_dtype)
+        cache = KVCache(k=(page,) * mc.num_layers, v=(page,) * mc.num_layers)
+        compiled = self._step.lower(self.params, cache, inputs.abstract_buffer(layout), layout).compile()
+        analysis = compiled.memory_analysis()
+        return int(analysis.temp_size_in_bytes) + layout.num_logits * mc.vocab_size * 4 * 4 if analysis else 0
+
+    def _compile_all(self, progress: ProgressFn) -> None:
+        layouts = self.buckets.layouts()
+        for i, layout in enumerate(layouts):
+            progress("compiling buckets", i, len(layouts))
+            self._step.lower(self.params, self.kv_cache, inputs.abstract_buffer(layout), layout).compile()
+        progress("compiling buckets", len(layouts), len(layouts))
+
+    def execute(self, work: Sequence[inputs.SeqWork], sampling_rows: Sequence, *,
+                all_logits: bool = False) -> SamplerOutput:
+        """Run one step and return the sampler's host-side output, one row per entry of `work` (rows of
+        sequences whose logits are not needed are computed on padding and ignored by the caller)."""
+        decode_only = all(len(w.token_ids) == 1 for w in work)
+        layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
+                                   all_logits=all_logits)
+        buffer = jax.device_put(inputs.pack(work, layout, self.config.block_size))
+        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, layout)
+        metadata = SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_logits, vocab_size=self.vocab_size)
+        return jax.device_get(self._sample(logits, metadata))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self.kv_cache = block_ops.copy_blocks(self.kv_cache, pairs)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        self.swap_space.swap_out(self.kv_cache, pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        self.kv_cache = self.swap_space.swap_in(self.kv_cache, pairs)
+
+    def close(self) -> None:
+        """Free device memory now rather than whenever the garbage collector runs."""
+        for leaf in jax.tree_util.tree_leaves((self.params, self.kv_cache)):
+            leaf.delete()
+        self.params = self.kv_cache = None
+        self._step = self._sample = None
+
+
+def _resolve_dtype(dtype: str, platform: str) -> str:
+    aliases = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
+    return aliases.get(dtype, dtype)

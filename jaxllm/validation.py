@@ -1,0 +1,84 @@
+"""The one place a request is checked against the model and the deployment's limits.
+
+The engine and the server both call `validate_request`, so a request refused by one is refused by the other with the
+same message. Every failure is a ValueError naming the field and the limit; `ContextLengthExceededError` is the
+subclass the server maps to OpenAI's code="context_length_exceeded".
+"""
+
+import dataclasses
+import numbers
+
+from jaxllm.sampling_params import SamplingParams
+
+
+class ContextLengthExceededError(ValueError):
+    """The prompt, or prompt + max_tokens, does not fit max_model_len."""
+
+
+def validate_prompt_token_ids(prompt_token_ids, *, vocab_size: int) -> list[int]:
+    """Return the prompt as a list of ints, or raise ValueError for an empty prompt or an id outside the vocab."""
+    if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__"):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {type(prompt_token_ids).__name__}.")
+    ids = list(prompt_token_ids)
+    if not ids:
+        raise ValueError("The prompt is empty: prompt_token_ids must contain at least one token.")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"prompt_token_ids must contain only integers, got {t!r}.")
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"prompt_token_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
+    return [int(t) for t in ids]
+
+
+def _check_ids_in_vocab(name: str, ids, vocab_size: int) -> None:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{name} contains token id {t}, outside the vocabulary [0, {vocab_size}).")
+
+
+def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len: int, vocab_size: int,
+                     max_logprobs: int = 20, max_n: int = 16, max_stop_strings: int = 16,
+                     max_stop_string_len: int = 256) -> SamplingParams:
+    """Check one request; return a copy of `params` with max_tokens resolved (None -> max_model_len - prompt).
+
+    Raises ValueError (ContextLengthExceededError for length problems). Cheap whatever the request claims: n=10**6
+    or a 4 MiB stop list is refused before anything is allocated for it.
+    """
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}.")
+    if params.n > max_n:
+        raise ValueError(f"n must be at most {max_n}, got {params.n}.")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > max_logprobs:
+            raise ValueError(f"{name} must be at most {max_logprobs}, got {value}.")
+    if len(params.stop) > max_stop_strings:
+        raise ValueError(f"stop may hold at most {max_stop_strings} strings, got {len(params.stop)}.")
+    for s in params.stop:
+        if len(s) > max_stop_string_len:
+            raise ValueError(f"each stop string must be at most {max_stop_string_len} characters, got {len(s)}.")
+    ids = validate_prompt_token_ids(prompt_token_ids, vocab_size=vocab_size)
+    _check_ids_in_vocab("stop_token_ids", params.stop_token_ids, vocab_size)
+    if params.logit_bias:
+        _check_ids_in_vocab("logit_bias", params.logit_bias, vocab_size)
+    if params.allowed_token_ids is not None:
+        _check_ids_in_vocab("allowed_token_ids", params.allowed_token_ids, vocab_size)
+
+    num_prompt = len(ids)
+    if num_prompt >= max_model_len:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has {num_prompt} "
+            f"tokens, which leaves no room for a completion. Please reduce the length of the prompt.")
+    max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion "
+            f"(max_tokens)). Please reduce the length of the prompt or max_tokens.")
+    if params.min_tokens > max_tokens:
+        raise ValueError(f"min_tokens must be at most max_tokens ({max_tokens}), got {params.min_tokens}.")
+    if max_tokens == params.max_tokens:
+        return params.clone()
+    return dataclasses.replace(params, max_tokens=max_tokens)

@@ -1,0 +1,22 @@
+"""Which implementation of a kernel runs: chosen from the device, overridable by configuration, never by env vars."""
+
+import jax
+
+REFERENCE = "reference"  # pure jnp: the CPU serving path and the oracle of every test
+TRITON = "triton"  # Pallas lowered through Triton: runs on Ampere and Hopper
+AUTO = "auto"
+BACKENDS = (AUTO, REFERENCE, TRITON)
+
+
+def resolve_backend(backend: str, device: jax.Device | None = None) -> str:
+    """Map "auto" to the backend that suits `device` (default: the first device); check any other name.
+
+    Mosaic GPU is not offered: the Triton lowering already reads KV near the copy bandwidth for decode, and the
+    Mosaic GPU interpreter cannot run the indexing tests on CPU (see benchmarks/RESULTS.md, Kernels).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend != AUTO:
+        return backend
+    device = device or jax.devices()[0]
+    return TRITON if device.platform == "gpu" else REFERENCE

@@ -1,0 +1,169 @@
+"""Pallas (Triton lowering) paged decode attention with flash-decoding: one new token per sequence.
+
+Legend: T tokens, S sequences, N q-heads, K kv-heads, G = N // K, Gp = max(16, G rounded up to a power of 2),
+H head_dim, P pages, B tokens per page, M pages per sequence, C context positions of a tile, X context splits.
+
+The grid is (S, K, X): a program reads one kv-head's context of one sequence once for all its G q-heads (GQA),
+and a sequence's context is cut into X even parts (Dao et al., "Flash-Decoding", 2023) so that a batch of 1 at
+32k context still puts hundreds of programs on the GPU. Each split leaves an unnormalised partial output with
+its max and sum; a small XLA epilogue merges them. With X = 1 the kernel normalises and writes the output itself.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import attention_tile as tile
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tuning of the decode kernel (measured on H100/H200: benchmarks/RESULTS.md).
+
+    num_splits=None picks X so that S * K * X reaches about target_programs, with at least min_split_tokens
+    context positions per split.
+    """
+
+    block_k: int = 64  # C
+    num_splits: int | None = None
+    target_programs: int = 1024
+    min_split_tokens: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"DecodeConfig.block_k must be a power of 2 >= 16; got {self.block_k}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"DecodeConfig.num_splits must be >= 1 or None; got {self.num_splits}")
+        if self.target_programs < 1 or self.min_split_tokens < 1:
+            raise ValueError("DecodeConfig.target_programs and min_split_tokens must be >= 1")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeConfig.num_warps must be a power of 2 <= 16; got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeConfig.num_stages must be >= 1; got {self.num_stages}")
+
+    def splits(self, num_seqs: int, num_kv_heads: int, context: int) -> int:
+        if self.num_splits is not None:
+            return self.num_splits
+        wanted = pl.cdiv(self.target_programs, num_seqs * num_kv_heads)
+        return max(1, min(wanted, context // self.min_split_tokens))
+
+
+def _decode_kernel(
+    qsl_ref,  # i32[S + 1]
+    seq_lens_ref,  # i32[S]
+    bt_ref,  # i32[S, M]
+    q_ref,  # [T, N, H]
+    k_ref,  # [K, P * B, H]
+    v_ref,  # [K, P * B, H]
+    *out_refs,  # X == 1: o [S, N, H]. X > 1: o f32[X, S, N, H], m f32[X, S, N], l f32[X, S, N]
+    group: int,
+    block_k: int,
+    page_size: int,
+    head_dim: int,
+    num_splits: int,
+    tile_math: tile.TileMath,
+):
+    num_tokens, num_q_heads, _ = q_ref.shape
+    seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    tok = qsl_ref[seq]
+    has_token = qsl_ref[seq + 1] > tok  # padding sequences bring none
+    ctx_len = jnp.where(has_token, seq_lens_ref[seq], 0)
+
+    g = jnp.arange(max(16, pl.next_power_of_2(group)), dtype=jnp.int32)  # dot tiles need >= 16 rows
+    head = kv_head * group + g
+    q = tile.gather_rows(q_ref, (jnp.minimum(tok, num_tokens - 1), jnp.minimum(head, num_q_heads - 1)), head_dim)
+
+    lo = 0 if tile_math.sliding_window is None else jnp.maximum(ctx_len - tile_math.sliding_window, 0)
+    first_tile = lax.div(lo, block_k)
+    tiles = pl.cdiv(ctx_len, block_k) - first_tile
+    per_split = pl.cdiv(tiles, num_splits)
+    start = first_tile + split * per_split
+    stop = jnp.minimum(start + per_split, first_tile + tiles)
+
+    def body(t, carry):
+        pos = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        slots = tile.kv_slots(bt_ref, seq, pos, page_size=page_size)
+        k = tile.gather_rows(k_ref, (kv_head, slots), head_dim)
+        v = tile.gather_rows(v_ref, (kv_head, slots), head_dim)
+        visible = (pos >= lo) & (pos < ctx_len)
+        return tile.flash_update(carry, q, k, v, jnp.broadcast_to(visible[None, :], (g.shape[0], block_k)),
+                                 tile_math)
+
+    acc, m, l = lax.fori_loop(start, stop, body, tile.init_carry(g.shape[0], q.shape[-1]))
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        tile.scatter_rows(o_ref, (seq, head), acc / jnp.maximum(l, 1e-30)[:, None], g < group, head_dim)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        tile.scatter_rows(o_ref, (split, seq, head), acc, g < group, head_dim)
+        plgpu.store(m_ref.at[split, seq, head], m, mask=g < group)
+        plgpu.store(l_ref.at[split, seq, head], l, mask=g < group)
+
+
+def decode_attention_triton(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [K, P, B, H]
+    v_pages: jax.Array,  # [K, P, B, H]
+    block_tables: jax.Array,  # i32[S, M]
+    seq_lens: jax.Array,  # i32[S]
+    query_start_loc: jax.Array,  # i32[S + 1]
+    *,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    config: DecodeConfig,
+    interpret: bool = False,
+) -> jax.Array:  # [T, N, H]
+    """Each sequence's one token (query_start_loc[s]) attends to its context; padding rows of the output are 0."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    num_seqs, pages_per_seq = block_tables.shape
+    context = pages_per_seq * page_size
+    if sliding_window is not None:
+        context = min(context, sliding_window + config.block_k)
+    num_splits = config.splits(num_seqs, num_kv_heads, context)
+
+    kernel = functools.partial(
+        _decode_kernel, group=num_q_heads // num_kv_heads, block_k=config.block_k, page_size=page_size,
+        head_dim=head_dim, num_splits=num_splits, tile_math=tile.TileMath(scale, soft_cap, sliding_window))
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), q.dtype)
+    else:
+        out_shape = (jax.ShapeDtypeStruct((num_splits, num_seqs, num_q_heads, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, num_seqs, num_q_heads), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, num_seqs, num_q_heads), jnp.float32))
+    flat = (num_kv_heads, num_pages * page_size, head_dim)
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads, num_splits),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(query_start_loc, seq_lens, block_tables, q, k_pages.reshape(flat), v_pages.reshape(flat))
+    o_seq = out if num_splits == 1 else _merge_splits(*out)
+    return _place_rows(o_seq.astype(q.dtype), query_start_loc, num_tokens)
+
+
+def _merge_splits(o, m, l):  # f32[X, S, N, H], f32[X, S, N], f32[X, S, N] -> f32[S, N, H]
+    """Merge the X partial softmaxes of each (sequence, head)."""
+    m_all = m.max(axis=0)  # [S, N]
+    weight = jnp.exp2(m - m_all[None])  # [X, S, N]; m is in base 2 (attention_tile.TileMath)
+    l_all = (weight * l).sum(axis=0)
+    # A weighted sum, not an einsum: an f32 dot may run in TF32 on the GPU.
+    return (weight[..., None] * o).sum(axis=0) / jnp.maximum(l_all, 1e-30)[..., None]
+
+
+def _place_rows(o_seq, query_start_loc, num_tokens):  # [S, N, H] -> [T, N, H]
+    """Each sequence's row goes to its token; padding tokens get 0 (their K/V feed the null block)."""
+    has_token = query_start_loc[1:] > query_start_loc[:-1]
+    rows = jnp.where(has_token, query_start_loc[:-1], num_tokens)  # padding sequences: dropped
+    out = jnp.zeros((num_tokens, *o_seq.shape[1:]), o_seq.dtype)
+    return out.at[rows].set(o_seq, mode="drop")

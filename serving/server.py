@@ -1,0 +1,135 @@
+"""Running the app under uvicorn: bind, start the engine in the background, and shut down gracefully.
+
+SIGTERM (or Ctrl-C) starts a drain: new requests and /health get 503, in-flight requests run to completion for up
+to --shutdown-timeout seconds, whatever is left is aborted, then uvicorn stops and the process exits 0. A second
+signal skips the wait. If the engine cannot be built the process exits 1, so an orchestrator sees a crash loop
+rather than a server that is 503 forever.
+"""
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+
+import uvicorn
+from jaxllm.default_model import default_model_name
+
+from serving.api_server import AppOptions, build_app
+from serving.cli import engine_config
+from serving.context import ServerContext
+from serving.engine_host import EngineHost
+from serving.metrics import ServerMetrics
+
+logger = logging.getLogger("jaxllm.serving")
+
+# h11 refuses request heads larger than this (uvicorn's default is 16 KiB); the answer is a 400 before any app code.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, host: EngineHost, shutdown_timeout_s: float):
+        super().__init__(config)
+        self.host = host
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.exit_code = 0
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after serve() and the exit code would be
+        # 128+SIGTERM instead of 0 after a clean drain.
+        if self._loop is None:
+            self.should_exit = True
+            return
+        if self._draining:
+            logger.info("second signal: exiting without waiting")
+            self._loop.call_soon_threadsafe(self._exit_now)
+            return
+        self._draining = True
+        logger.info("signal %d: draining in-flight requests (up to %.0f s)", sig, self.shutdown_timeout_s)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        finished = await self.host.drain(self.shutdown_timeout_s)
+        if not finished:
+            logger.warning("shutdown timeout: aborted the requests still running")
+        self.should_exit = True
+
+    def _exit_now(self) -> None:
+        self.host.draining = True
+        asyncio.ensure_future(self.host.abort_all())
+        self.force_exit = True
+        self.should_exit = True
+
+    def fail(self, exc: BaseException) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("jaxllm").setLevel(logging.INFO)
+    logging.getLogger("uvicorn").setLevel(level.upper() if level != "trace" else 5)
+
+
+def _progress(phase: str, done: int, total: int) -> None:
+    logger.info("start-up: %s %d/%d", phase, done, total)
+
+
+def run(args: argparse.Namespace) -> int:
+    _configure_logging(args.uvicorn_log_level)
+    config = engine_config(args)
+    names = args.served_model_name or [args.model or default_model_name()]
+
+    def build_engine():
+        from jaxllm import AsyncLLMEngine
+
+        logger.info("loading %s", args.model or f"the default model ({default_model_name()})")
+        return AsyncLLMEngine(config, progress=_progress)
+
+    # The queue limit counts engine requests the server has admitted: the running batch plus the allowed queue.
+    max_in_flight = None if args.max_num_queued_reqs is None else args.max_num_seqs + args.max_num_queued_reqs
+    host = EngineHost(build_engine, max_in_flight=max_in_flight, stall_timeout_s=args.engine_stall_timeout)
+    ctx = ServerContext(host=host, metrics=ServerMetrics(host, names[0]), served_model_names=names,
+                        chat_template=args.chat_template, log_requests=args.enable_log_requests,
+                        max_log_len=args.max_log_len)
+    options = AppOptions(api_key=args.api_key, allowed_origins=args.allowed_origins,
+                         allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
+                         allow_credentials=args.allow_credentials, max_body_bytes=args.max_request_body_bytes,
+                         stats_interval_s=None if args.disable_log_stats else 10.0)
+    sock = bind_socket(args.host, args.port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    server: _DrainingServer | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        server.fail(exc)
+
+    def on_ready() -> None:
+        logger.info("ready: http://%s:%d/v1 (model %s)", bound_host, bound_port, names[0])
+
+    app = build_app(ctx, options, on_fatal=on_fatal, on_ready=on_ready)
+    uv_config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+                               h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=5,
+                               timeout_keep_alive=5, lifespan="on", log_config=None)
+    server = _DrainingServer(uv_config, host, args.shutdown_timeout)
+    # Printed before the model loads, so a supervisor (or a test) can poll /health, which is 503 until ready.
+    logger.info("listening on http://%s:%d (model loading; /health is 503 until ready)", bound_host, bound_port)
+    server.run(sockets=[sock])
+    logger.info("server stopped (exit code %d)", server.exit_code)
+    return server.exit_code
