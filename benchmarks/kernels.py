@@ -6,9 +6,9 @@ Prints, in one run: measured copy bandwidth (read + write) and bf16 matmul rate;
 heads, d = 128, block 16, batch 1/8/64/256 x context 1k/4k/16k/32k (us and KV bytes read per second) for
 jaxllm's kernel, JAX's own jax.experimental.pallas.ops.gpu.paged_attention and the XLA reference; causal prefill
 TFLOP/s at 1k/4k/8k (one sequence, all of its K/V in pages) with JAX's own flash attention (mha, unpaged) as
-baseline; and the time of write_kv on a donated cache. --sweep also times tuning variants. Timings are the median
-of 3 runs of a jitted loop of n calls (so host dispatch is out), each call's input made to depend on the last
-output; KV caches are filled with random data.
+baseline; and the time of write_kv on a donated cache. --sweep also times tuning variants and runs the tables with
+the fastest. Timings are medians of 3 runs of jitted chains of 8 calls (see chain_time), each call's input made
+to depend on the last output; KV caches hold random data.
 """
 
 import argparse
@@ -42,46 +42,83 @@ N_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 REFERENCE_MAX_KV_BYTES = 2.2e9  # the gather reference materialises f32 context: skip it above this
 
 
-def loop_time(fn, args, *, target_s=0.15, repeats=3) -> float:
-    """Seconds per call of fn(*args), from a jitted fori_loop (one dispatch for n calls).
-
-    Each call's first argument gets one element from the previous output, so XLA can neither hoist the call
-    out of the loop nor drop it; the update is in place on the loop carry.
+def chain_time(fn, args, *, inner=8, target_s=0.15, repeats=3) -> float:
+    """Seconds per call of fn(*args): one jitted executable chains `inner` calls, each call's first argument
+    taking one element from the sum of the previous output (so XLA can neither hoist nor trim a call), and is
+    dispatched back to back until about target_s of device work is queued. No while loop: on the GPU each of its
+    iterations waits on the host for the predicate, which would add ~10 us to every call.
     """
 
     @jax.jit
-    def run(n, args):
-        def body(_, args):
+    def run(args):
+        for _ in range(inner):
             out = fn(*args)
             x = args[0]
             at = (0,) * x.ndim
-            x = x.at[at].set(x[at] + (out.ravel()[0] * 0).astype(x.dtype))
-            return (x, *args[1:])
+            x = x.at[at].set(x[at] + (jnp.sum(out.astype(jnp.float32)) * 0).astype(x.dtype))
+            args = (x, *args[1:])
+        return args[0]
 
-        return lax.fori_loop(0, n, body, args)[0]
-
-    jax.block_until_ready(run(1, args))  # compile + warm up
+    jax.block_until_ready(run(args))  # compile + warm up
     start = time.perf_counter()
-    jax.block_until_ready(run(2, args))
-    n = max(1, min(1000, int(target_s / max((time.perf_counter() - start) / 2, 1e-6))))
+    jax.block_until_ready(run(args))
+    calls = max(1, min(200, int(target_s / max(time.perf_counter() - start, 1e-6))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(run(n, args))
-        times.append((time.perf_counter() - start) / n)
+        for _ in range(calls):
+            x = run(args)
+        jax.block_until_ready(x)
+        times.append((time.perf_counter() - start) / (calls * inner))
     return float(np.median(times))
 
 
 def copy_bandwidth() -> float:
-    x = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.float32)  # 1 GiB
-    seconds = loop_time(lambda x: x * 1.0001, (x,))
-    return 2 * x.nbytes / seconds
+    """A 4 GiB f32 array scaled in place 20 times in a while loop (its ~10 us per iteration is < 1% here)."""
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.float32)
+    run = jax.jit(lambda x: lax.fori_loop(0, 20, lambda _, x: x * 1.0001, x))
+    jax.block_until_ready(run(x))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(run(x))
+        times.append((time.perf_counter() - start) / 20)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def read_bandwidth() -> float:
+    """A 4 GiB f32 array summed 20 times in a while loop: the ceiling of a read-only stream, which decode is."""
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.float32)
+    run = jax.jit(lambda x: lax.fori_loop(0, 20, lambda _, acc: acc + jnp.sum(x + acc * 0), jnp.float32(0)))
+    jax.block_until_ready(run(x))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(run(x))
+        times.append((time.perf_counter() - start) / 20)
+    return x.nbytes / float(np.median(times))
 
 
 def matmul_rate() -> float:
-    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
-    return 2 * 8192 ** 3 / loop_time(jnp.dot, (a, b))
+    """bf16 8192^3 products chained x <- x @ b (b ~ N(0, 1/8192) keeps x's scale), random data."""
+    x = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    b = (jax.random.normal(jax.random.key(2), (8192, 8192), jnp.float32) / 8192 ** 0.5).astype(jnp.bfloat16)
+
+    @jax.jit
+    def run(x, b):
+        for _ in range(8):
+            x = x @ b
+        return x
+
+    jax.block_until_ready(run(x, b))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(4):
+            y = run(x, b)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - start) / 32)
+    return 2 * 8192 ** 3 / float(np.median(times))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -130,7 +167,7 @@ def time_decode(shape: DecodeShape, impls: dict, data=None) -> dict:
             continue
         fn = fns[base] if cfg is None else (lambda *a, cfg=cfg: fns["jaxllm"](*a, cfg=cfg))
         try:
-            seconds = loop_time(fn, args)
+            seconds = chain_time(fn, args)
             out[name] = dict(us=seconds * 1e6, kv_tbps=shape.kv_bytes / seconds / 1e12)
         except Exception as e:  # report and go on: one failing variant must not lose the run
             out[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
@@ -161,7 +198,8 @@ def time_prefill(length: int, configs: dict) -> dict:
             fn = lambda q, k, v, cfg=cfg: ragged_paged_attention(q, k, v, tables, lens, qsl, scale=scale,
                                                                  backend="triton", ragged_config=cfg)
         try:
-            seconds = loop_time(fn, (q, k, v), target_s=0.1, repeats=2 if name == "xla_reference" else 3)
+            slow = name == "xla_reference"
+            seconds = chain_time(fn, (q, k, v), inner=2 if slow else 8, target_s=0.1, repeats=2 if slow else 3)
             out[name] = dict(us=seconds * 1e6, tflops=flops / seconds / 1e12)
         except Exception as e:
             out[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
@@ -169,38 +207,51 @@ def time_prefill(length: int, configs: dict) -> dict:
 
 
 def time_write_kv() -> dict:
-    """write_kv of 64 new tokens into a donated 2 GB cache: microseconds if in place, ~ms if it copied."""
+    """write_kv of 64 new tokens into a donated 2 GB cache, 8 writes chained in one executable: microseconds if
+    in place, ~0.5 ms each if XLA copied the cache."""
     shape = DecodeShape(64, 4096)
     d = shape.build()
     new = jax.random.normal(jax.random.key(9), (64, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    slots = jnp.asarray(np.random.default_rng(0).choice(d["k"].shape[1] * PAGE, 64, replace=False), jnp.int32)
-    step = jax.jit(write_kv, donate_argnums=(0, 1))
-    k, v = step(d["k"], d["v"], new, new, slots)
+    rng = np.random.default_rng(0)
+    slots = [jnp.asarray(rng.choice(d["k"].shape[1] * PAGE, 64, replace=False), jnp.int32) for _ in range(8)]
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(k, v):
+        for s in slots:
+            k, v = write_kv(k, v, new, new, s)
+        return k, v
+
+    k, v = step(d.pop("k"), d.pop("v"))
     jax.block_until_ready(k)
     start = time.perf_counter()
-    for _ in range(50):
-        k, v = step(k, v, new, new, slots)
+    for _ in range(20):
+        k, v = step(k, v)
     jax.block_until_ready(k)
-    seconds = (time.perf_counter() - start) / 50
-    return dict(us=seconds * 1e6, cache_bytes=2 * k.nbytes, copy_would_take_us=2 * 2 * k.nbytes / 3e12 * 1e6)
+    seconds = (time.perf_counter() - start) / (20 * len(slots))
+    return dict(us=seconds * 1e6, cache_bytes=2 * k.nbytes)
 
 
-DECODE_VARIANTS = {
-    "jaxllm:c32w4s4": DecodeConfig(block_k=32, num_warps=4, num_stages=4),
-    "jaxllm:c64w4s2": DecodeConfig(block_k=64, num_warps=4, num_stages=2),
-    "jaxllm:c64w4s4": DecodeConfig(block_k=64, num_warps=4, num_stages=4),
-    "jaxllm:c128w4s3": DecodeConfig(block_k=128, num_warps=4, num_stages=3),
-    "jaxllm:c128w8s3": DecodeConfig(block_k=128, num_warps=8, num_stages=3),
-    "jaxllm:c64w4s3x2": DecodeConfig(block_k=64, num_splits=2),
-    "jaxllm:c64w4s3x4": DecodeConfig(block_k=64, num_splits=4),
+def _decode(block_k, warps, stages, splits=None):
+    return DecodeConfig(block_k=block_k, num_warps=warps, num_stages=stages, num_splits=splits)
+
+
+DECODE_VARIANTS = {  # name: c block_k, w warps, s stages, x splits (auto when absent)
+    f"jaxllm:c{c}w{w}s{s}" + (f"x{x}" if x else ""): _decode(c, w, s, x)
+    for c, w, s, x in [(64, 4, 4, None), (64, 4, 3, None), (128, 8, 3, None), (64, 4, 4, 2)]
 }
-PREFILL_VARIANTS = {
-    "jaxllm:r64c64w4s2": RaggedConfig(block_rows=64, block_k=64, num_warps=4, num_stages=2),
-    "jaxllm:r128c32w4s3": RaggedConfig(block_rows=128, block_k=32, num_warps=4, num_stages=3),
-    "jaxllm:r128c64w8s3": RaggedConfig(block_rows=128, block_k=64, num_warps=8, num_stages=3),
-    "jaxllm:r128c128w8s2": RaggedConfig(block_rows=128, block_k=128, num_warps=8, num_stages=2),
-    "jaxllm:r64c128w4s2": RaggedConfig(block_rows=64, block_k=128, num_warps=4, num_stages=2),
+PREFILL_VARIANTS = {  # name: r block_rows, c block_k, w warps, s stages, e: exp2 in bf16 pairs
+    f"jaxllm:r{r}c{c}w{w}s{s}" + ("e" if e else ""): RaggedConfig(block_rows=r, block_k=c, num_warps=w,
+                                                                  num_stages=s, half_exp=e)
+    for r, c, w, s, e in [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (64, 64, 4, 2, False),
+                          (64, 64, 4, 2, True), (128, 128, 8, 2, True), (128, 64, 4, 2, True)]
 }
+
+
+def fastest(results: dict, variants: dict, default):
+    """The variant with the lowest time (splits left automatic), or the default if none ran."""
+    timed = [(row["us"], name) for name, row in results.items()
+             if "us" in row and name in variants and getattr(variants[name], "num_splits", None) is None]
+    return (min(timed)[1], variants[min(timed)[1]]) if timed else ("default", default)
 
 
 def main():
@@ -220,36 +271,44 @@ def main():
             pathlib.Path(args.out, "kernels.json").write_text(json.dumps(report, indent=1))
 
     report["copy_tbps"] = copy_bandwidth() / 1e12
+    report["read_tbps"] = read_bandwidth() / 1e12
     report["matmul_tflops"] = matmul_rate() / 1e12
-    print(f"copy {report['copy_tbps']:.2f} TB/s, bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    print(f"copy {report['copy_tbps']:.2f} TB/s, read {report['read_tbps']:.2f} TB/s, "
+          f"bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s", flush=True)
     report["write_kv"] = time_write_kv()
     print("write_kv", report["write_kv"], flush=True)
     save()
 
+    decode_cfg, prefill_cfg = DecodeConfig(), RaggedConfig()
+    report["decode_config"], report["prefill_config"] = "default", "default"
     if args.sweep:
-        shape = DecodeShape(64, 4096)
-        report["decode_sweep_64x4k"] = time_decode(shape, {"jaxllm": None, **DECODE_VARIANTS})
-        print("decode sweep 64x4k", json.dumps(report["decode_sweep_64x4k"]), flush=True)
+        sweep = time_decode(DecodeShape(64, 4096), {"jax_paged_attention": None, **DECODE_VARIANTS})
+        report["decode_sweep_64x4k"] = sweep
+        print("decode sweep 64x4k", json.dumps(sweep), flush=True)
+        report["decode_config"], decode_cfg = fastest(sweep, DECODE_VARIANTS, decode_cfg)
         report["decode_sweep_1x32k"] = time_decode(DecodeShape(1, 32768), {
-            "jaxllm": None, "jaxllm:c64x16": DecodeConfig(num_splits=16), "jaxllm:c64x64": DecodeConfig(num_splits=64),
-            "jaxllm:c64x256": DecodeConfig(num_splits=128)})
+            "jaxllm:auto": decode_cfg, **{f"jaxllm:x{x}": dataclasses.replace(decode_cfg, num_splits=x)
+                                          for x in (32, 64, 128)}})
         print("decode sweep 1x32k", json.dumps(report["decode_sweep_1x32k"]), flush=True)
-        report["prefill_sweep_4k"] = time_prefill(4096, {"jaxllm": None, **PREFILL_VARIANTS})
-        print("prefill sweep 4k", json.dumps(report["prefill_sweep_4k"]), flush=True)
+        sweep = time_prefill(4096, PREFILL_VARIANTS)
+        report["prefill_sweep_4k"] = sweep
+        print("prefill sweep 4k", json.dumps(sweep), flush=True)
+        report["prefill_config"], prefill_cfg = fastest(sweep, PREFILL_VARIANTS, prefill_cfg)
+        print("tables use", report["decode_config"], report["prefill_config"], flush=True)
         save()
 
     report["decode"] = {}
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             shape = DecodeShape(batch, context)
-            row = time_decode(shape, {"jaxllm": None, "jax_paged_attention": None, "xla_reference": None})
+            row = time_decode(shape, {"jaxllm": decode_cfg, "jax_paged_attention": None, "xla_reference": None})
             report["decode"][f"{batch}x{context}"] = row
             gc.collect()
             print(f"decode {batch}x{context}", json.dumps(row), flush=True)
             save()
     report["prefill"] = {}
     for length in (1024, 4096, 8192):
-        report["prefill"][length] = time_prefill(length, {"jaxllm": None, "jax_mha_unpaged": None,
+        report["prefill"][length] = time_prefill(length, {"jaxllm": prefill_cfg, "jax_mha_unpaged": None,
                                                           "xla_reference": None})
         print(f"prefill {length}", json.dumps(report["prefill"][length]), flush=True)
         save()
@@ -259,8 +318,10 @@ def main():
 
 def print_table(report):
     copy = report["copy_tbps"]
-    print(f"\n{report['device']} | copy {copy:.2f} TB/s | bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s")
-    print(f"{'decode BxC':>12} {'jaxllm us':>10} {'TB/s':>6} {'%copy':>6} {'jax us':>9} {'TB/s':>6} {'x jax':>6} "
+    print(f"\n{report['device']} | copy {copy:.2f} TB/s | read {report['read_tbps']:.2f} TB/s | "
+          f"bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s | "
+          f"decode {report.get('decode_config')} | prefill {report.get('prefill_config')}")
+    print(f"{'decode BxC':>12} {'jaxllm us':>10} {'TB/s':>6} {'%copy':>6} {'%read':>6} {'jax us':>9} {'TB/s':>6} {'x jax':>6} "
           f"{'xla us':>9}")
     for key, row in report["decode"].items():
         ours, theirs, xla = (row.get(n, {}) for n in ("jaxllm", "jax_paged_attention", "xla_reference"))
@@ -269,6 +330,7 @@ def print_table(report):
             continue
         speedup = theirs["us"] / ours["us"] if "us" in theirs else math.nan
         print(f"{key:>12} {ours['us']:10.1f} {ours['kv_tbps']:6.2f} {100 * ours['kv_tbps'] / copy:5.0f}% "
+              f"{100 * ours['kv_tbps'] / report['read_tbps']:5.0f}% "
               f"{theirs.get('us', math.nan):9.1f} {theirs.get('kv_tbps', math.nan):6.2f} {speedup:6.2f} "
               f"{xla.get('us', math.nan):9.1f}")
     print(f"{'prefill L':>12} {'jaxllm TF/s':>12} {'%mm':>5} {'jax mha TF/s':>13} {'xla TF/s':>9}")

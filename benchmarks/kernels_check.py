@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_batch import make_ragged_batch
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
@@ -47,19 +48,22 @@ def cases():
     for h, b in [(80, 16), (96, 64), (256, 16)]:
         yield ("head_dim", mixed_q, mixed_ctx, 16, 2, h, b, None, None, "bfloat16", False)
         yield ("head_dim", [1] * 6, decode_ctx, 16, 2, h, b, None, None, "bfloat16", True)
+    for dtype, cap in [("bfloat16", None), ("float16", 30.0)]:
+        yield ("half_exp", mixed_q, mixed_ctx, 32, 8, 128, 16, 64, cap, dtype, False, RaggedConfig(half_exp=True))
     yield ("long_decode", [1], [32768], 32, 8, 128, 16, None, None, "bfloat16", True)
     yield ("long_prefill", [2048, 1], [4096, 5000], 32, 8, 128, 16, None, None, "bfloat16", False)
 
 
 def run_case(case, seed):
-    name, q_lens, ctx_lens, n, k, h, b, window, cap, dtype, decode = case
+    name, q_lens, ctx_lens, n, k, h, b, window, cap, dtype, decode, *config = case
     # Decode batches are padded as the runner pads them: T == S, padding sequences' tokens after the real ones.
     batch = make_ragged_batch(q_lens, ctx_lens, num_q_heads=n, num_kv_heads=k, head_dim=h, page_size=b,
                               dtype=jnp.dtype(dtype), pad_tokens=2 if decode else 3, pad_seqs=2 if decode else 1,
                               seed=seed)
     knobs = dict(scale=h ** -0.5, sliding_window=window, soft_cap=cap)
     poison_free_memory()
-    out = ragged_paged_attention(*batch.args, **knobs, decode_only=decode, backend="triton")
+    out = ragged_paged_attention(*batch.args, **knobs, decode_only=decode, backend="triton",
+                                 ragged_config=config[0] if config else None)
     f32 = [a.astype(jnp.float32) if a.dtype != jnp.int32 else a for a in batch.args]
     with jax.default_matmul_precision("highest"):
         ref = jax.jit(ragged_paged_attention_reference, static_argnames=tuple(knobs))(*f32, **knobs)
@@ -68,7 +72,7 @@ def run_case(case, seed):
     err = float(np.linalg.norm(out32[:real] - ref32[:real]) / np.linalg.norm(ref32[:real]))
     pad_ok = bool(np.all(out32[real:] == 0))
     ok = bool(np.isfinite(out32).all()) and err <= TOLERANCE[dtype] and pad_ok
-    return dict(name=name, q_lens=q_lens, ctx_lens=ctx_lens, heads=f"{n}/{k}", head_dim=h, block=b,
+    return dict(name=name, config=repr(config[0]) if config else "default", q_lens=q_lens, ctx_lens=ctx_lens, heads=f"{n}/{k}", head_dim=h, block=b,
                 window=window, soft_cap=cap, dtype=dtype, decode_only=decode, rel_err=err, padding_zero=pad_ok,
                 ok=ok)
 

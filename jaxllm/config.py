@@ -34,7 +34,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # .bin/.pt checkpoints are pickles: refused unless explicitly allowed
     kv_cache_memory_bytes: int | None = None  # fixes the KV cache size instead of measuring free device memory
-    attention_backend: str = "auto"  # auto | reference | triton | mosaic
+    attention_backend: str = "auto"  # auto | reference | xla | triton
     max_logprobs: int = 20
     max_num_queued_reqs: int | None = None
     served_model_name: str | None = None
@@ -55,8 +55,8 @@ class EngineConfig:
         _require(self.swap_space >= 0, "swap_space", "must be >= 0")
         _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
                  "must be > 0")
-        _require(self.attention_backend in ("auto", "reference", "triton", "mosaic"), "attention_backend",
-                 "must be auto, reference, triton or mosaic")
+        _require(self.attention_backend in ("auto", "reference", "xla", "triton"), "attention_backend",
+                 "must be auto, reference, xla or triton")
         _require(0 <= self.max_logprobs <= 20, "max_logprobs", "must be in [0, 20]")
 
     def replace(self, **changes) -> "EngineConfig":

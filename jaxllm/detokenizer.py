@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from jaxllm.tokenizer import Tokenizer
 
-# A held-back tail longer than this is emitted as it is. A UTF-8 character is at most 4 bytes (4 byte tokens), so
-# only output that is already invalid UTF-8 gets here; the cap keeps a request that samples nothing but stray bytes
-# from making each step decode an ever longer window.
+# A held-back tail longer than this is emitted as it is. Valid text never holds more than the 3 ids of a cut
+# character (plus skipped special tokens), so only output that is already invalid UTF-8 gets here; the cap keeps a
+# request that samples nothing but stray bytes from making each step decode an ever longer window.
 MAX_HELD_TOKENS = 16
 
 # Prompt ids kept as decoding context, so the first output token decodes as it would inside the full text.
@@ -32,7 +32,7 @@ class DetokenizerState:
     def start(cls, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         """The state before the first output token; with prompt ids, their tail is the decoding context (as vLLM:
         the shortest suffix of at least 4 ids that decodes without U+FFFD, i.e. starts on a character)."""
-        prompt_ids = tuple(prompt_ids)
+        prompt_ids = tuple(prompt_ids[-_PROMPT_CONTEXT_MAX:])
         context = prompt_ids[-_PROMPT_CONTEXT_MIN:]
         for n in range(_PROMPT_CONTEXT_MIN, min(len(prompt_ids), _PROMPT_CONTEXT_MAX) + 1):
             if "\ufffd" not in tokenizer.decode(prompt_ids[-n:], skip_special_tokens=skip_special_tokens):
@@ -57,12 +57,17 @@ def detokenize_step(
     window = state.window + tuple(new_ids)
     emitted_text = tokenizer.decode(window[: state.read], skip_special_tokens=skip_special_tokens)
     text = tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
-    held = len(window) - state.read
-    incomplete = len(text) <= len(emitted_text) or text.endswith("\ufffd")
-    if incomplete and not finished and held < MAX_HELD_TOKENS:
-        return DetokenizerState(window, state.read), ""
+    if not finished and (len(text) <= len(emitted_text) or text.endswith("\ufffd")):
+        # The tail is part of a character. Emit up to the last id boundary that ends on a whole character: the cut
+        # character's bytes (<= 3) lie in the last <= 3 ids, so looking 3 ids back finds it for any valid text.
+        for end in range(len(window) - 1, max(state.read, len(window) - 4), -1):
+            partial = tokenizer.decode(window[:end], skip_special_tokens=skip_special_tokens)
+            if len(partial) > len(emitted_text) and not partial.endswith("\ufffd"):
+                return DetokenizerState(window[state.read :], end - state.read), partial[len(emitted_text) :]
+        if len(window) - state.read < MAX_HELD_TOKENS:
+            return DetokenizerState(window, state.read), ""
     # The emitted text keeps only the ids just emitted as context for the next step.
-    return DetokenizerState(window[state.read :], held), text[len(emitted_text) :]
+    return DetokenizerState(window[state.read :], len(window) - state.read), text[len(emitted_text) :]
 
 
 class IncrementalDetokenizer:

@@ -203,7 +203,7 @@ class LLMEngine:
         values = {int(t): float(v) for t, v in zip(logprobs.top_ids[row], logprobs.top_logprobs[row])}
         ranks = {int(t): r + 1 for r, t in enumerate(logprobs.top_ids[row])}
         values[token] = float(logprobs.token_logprob[row])
-        ranks[token] = int(logprobs.token_rank[row])
+        ranks[token] = int(logprobs.rank[row])
         return values, ranks
 
     def stats(self) -> EngineStats:

@@ -27,7 +27,7 @@ def check_stop_strings(
     # Everything before `emitted` was checked and cannot start a stop string, so a match lies inside `pending`.
     best = None  # (end, -len, start, stop)
     for s in stop:
-        start = pending.find(s)
+        start = pending.find(s) if s else -1  # SamplingParams rejects empty stop strings; never match one here
         if start >= 0:
             candidate = (start + len(s), -len(s), start, s)
             best = candidate if best is None or candidate < best else best

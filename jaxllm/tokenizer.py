@@ -13,7 +13,6 @@ from typing import Any
 import tokenizers
 
 from jaxllm.chat_template import render_chat_template
-from jaxllm.loading.gguf_tokenizer import template_post_processor
 
 
 class Tokenizer:
@@ -171,10 +170,8 @@ def _register_added_tokens(backend: tokenizers.Tokenizer, config: dict) -> None:
     for spec in config.get("added_tokens_decoder", {}).values():
         if spec["content"] in known:
             continue
-        token = tokenizers.AddedToken(
-            spec["content"], single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
-            rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", True), special=spec.get("special", False),
-        )  # fmt: skip
+        flags = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
+        token = tokenizers.AddedToken(spec["content"], **flags)
         (backend.add_special_tokens if token.special else backend.add_tokens)([token])
 
 
@@ -189,3 +186,15 @@ def _chat_template(path: str, config: dict) -> str | dict[str, str] | None:
     if template is None:
         template = _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
     return template
+
+
+def template_post_processor(
+    add_bos: bool, bos: str | None, bos_id: int | None, add_eos: bool, eos: str | None, eos_id: int | None
+) -> tokenizers.processors.TemplateProcessing:
+    """transformers' `update_post_processor`: BOS/EOS around each sequence as the add_* flags say."""
+    add_bos, add_eos = add_bos and bos_id is not None, add_eos and eos_id is not None
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    specials = ([(bos, bos_id)] if add_bos else []) + ([(eos, eos_id)] if add_eos and eos != bos else [])
+    return tokenizers.processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+

@@ -23,16 +23,23 @@ LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class TileMath:
-    """Static scalars of the score function, folded so the kernel multiplies once per logit."""
+    """Static scalars of the score function. Without a soft-cap the softmax scale (and log2 e, for exp2) is folded
+    into q once per program, which takes a multiply per logit off the inner loop."""
 
     scale: float
     soft_cap: float | None
     sliding_window: int | None
+    half_exp: bool = False  # p = exp2 in bf16/fp16 pairs (ex2.approx.*x2, sm_90): see flash_update
+
+    def prepare_q(self, q: jax.Array) -> jax.Array:
+        if self.soft_cap is not None:
+            return q
+        return (q.astype(jnp.float32) * (self.scale * LOG2E)).astype(q.dtype)
 
     def logits(self, s: jax.Array) -> jax.Array:
-        """Raw q.k -> base-2 logits (softmax then uses exp2, one fewer multiply than exp)."""
+        """q.k of a prepared q -> base-2 logits."""
         if self.soft_cap is None:
-            return s * (self.scale * LOG2E)
+            return s
         return jnp.tanh(s * (self.scale / self.soft_cap)) * (self.soft_cap * LOG2E)
 
 
@@ -83,17 +90,57 @@ def scatter_rows(ref, leading: tuple, value: jax.Array, row_ok: jax.Array, head_
     plgpu.store(ref.at[idx], value.astype(ref.dtype), mask=mask)
 
 
-def flash_update(carry, q, k, v, visible, tile_math: TileMath):
-    """Fold one tile into (acc f32[R, H], m f32[R], l f32[R]): online softmax in base 2."""
+def flash_update(carry, q, k, v, visible: jax.Array | None, tile_math: TileMath):
+    """Fold one tile into (acc f32[R, H], m f32[R], l f32[R]): online softmax in base 2.
+
+    visible (bool[R, C]) is None for tiles that every row sees whole: no mask arithmetic on those.
+    """
     acc, m_prev, l_prev = carry
-    s = plgpu.dot(q, k, trans_b=True)  # f32[R, C]
-    s = jnp.where(visible, tile_math.logits(s), MASK_VALUE)
+    # HIGHEST keeps f32 inputs out of TF32 (3e-4 error); bf16/fp16 inputs are unaffected.
+    s = tile_math.logits(plgpu.dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST))  # f32[R, C]
+    if visible is not None:
+        s = jnp.where(visible, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])  # m_next, not the tile max, so l needs no second correction
-    l_next = l_prev * alpha + p.sum(axis=-1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    # m_next, not the tile max, so l needs no second correction.
+    if tile_math.half_exp and v.dtype in (jnp.bfloat16, jnp.float16):
+        # In prefill the multi-function unit's exp2 (16/clock/SM) takes about as long as the tensor-core work at
+        # d = 128 (FlashAttention-3, section 3); the paired half-precision form does two per instruction. p is
+        # rounded to v's dtype for p.v anyway; l sums that same rounded p.
+        p = _exp2_pairs((s - m_next[:, None]).astype(v.dtype))
+        p_sum = p.astype(jnp.float32).sum(axis=-1)
+    else:
+        p = jnp.exp2(s - m_next[:, None])
+        p_sum = p.sum(axis=-1)
+    l_next = l_prev * alpha + p_sum
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
     return acc, m_next, l_next
+
+
+def _exp2_pairs(x: jax.Array) -> jax.Array:
+    asm = "ex2.approx.ftz.bf16x2 $0, $1;" if x.dtype == jnp.bfloat16 else "ex2.approx.f16x2 $0, $1;"
+    [y] = plgpu.elementwise_inline_asm(asm, args=[x], constraints="=r,r", pack=2,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return y
+
+
+def fit_shared_memory(block_k: int, num_stages: int, rows: int, head_dim: int, itemsize: int) -> tuple[int, int]:
+    """Shrink (block_k, num_stages) until the pipelined K/V stages and the q tile fit Hopper's 227 KB of shared
+    memory per block (fp32 and head_dim 256 overflow the bf16 d = 128 tuning). The sizes match what Triton asked
+    for on an H200 (2026-11-27): 2 x 2 x 128 x 256 x 2 + 128 x 256 x 2 = 327,680 B for head_dim 256."""
+    padded = pl.next_power_of_2(head_dim)
+
+    def need(c, s):
+        return (s * 2 * c * padded + rows * padded) * itemsize
+
+    while need(block_k, num_stages) > 224 * 1024:
+        if block_k > 32:
+            block_k //= 2
+        elif num_stages > 1:
+            num_stages -= 1
+        else:
+            break
+    return block_k, num_stages
 
 
 def init_carry(rows: int, head_dim: int):
@@ -101,3 +148,18 @@ def init_carry(rows: int, head_dim: int):
     m = jnp.full((rows,), jnp.finfo(jnp.float32).min, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
     return acc, m, l
+
+
+def sweep_tiles(bounds, body, carry):
+    """Run body(t, carry, masked) over tiles [a, d) given as (a, b, c, d): [b, c) unmasked, the edges masked.
+
+    Only the tiles that straddle the causal diagonal, the window's left edge or the context's end pay for the mask.
+    """
+    a, b, c, d = bounds
+    carry = lax.fori_loop(a, b, lambda t, acc: body(t, acc, True), carry)
+    carry = lax.fori_loop(b, c, lambda t, acc: body(t, acc, False), carry)
+    return lax.fori_loop(c, d, lambda t, acc: body(t, acc, True), carry)
+
+
+def clamp(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)

@@ -2,10 +2,11 @@
 
 import jax
 
-REFERENCE = "reference"  # pure jnp: the CPU serving path and the oracle of every test
+REFERENCE = "reference"  # pure jnp over the whole block-table width: the oracle of every test
+XLA = "xla"  # plain XLA walking each token's real context in chunks: the CPU serving path
 TRITON = "triton"  # Pallas lowered through Triton: runs on Ampere and Hopper
 AUTO = "auto"
-BACKENDS = (AUTO, REFERENCE, TRITON)
+BACKENDS = (AUTO, REFERENCE, XLA, TRITON)
 
 
 def resolve_backend(backend: str, device: jax.Device | None = None) -> str:
@@ -19,4 +20,4 @@ def resolve_backend(backend: str, device: jax.Device | None = None) -> str:
     if backend != AUTO:
         return backend
     device = device or jax.devices()[0]
-    return TRITON if device.platform == "gpu" else REFERENCE
+    return TRITON if device.platform == "gpu" else XLA

@@ -31,10 +31,10 @@ class DecodeConfig:
 
     block_k: int = 64  # C
     num_splits: int | None = None
-    target_programs: int = 1024
+    target_programs: int = 512
     min_split_tokens: int = 256
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 4
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -62,7 +62,7 @@ def _decode_kernel(
     q_ref,  # [T, N, H]
     k_ref,  # [K, P * B, H]
     v_ref,  # [K, P * B, H]
-    *out_refs,  # X == 1: o [S, N, H]. X > 1: o f32[X, S, N, H], m f32[X, S, N], l f32[X, S, N]
+    *out_refs,  # X == 1: o [T, N, H]. X > 1: o f32[X, S, N, H], m f32[X, S, N], l f32[X, S, N]
     group: int,
     block_k: int,
     page_size: int,
@@ -79,27 +79,36 @@ def _decode_kernel(
     g = jnp.arange(max(16, pl.next_power_of_2(group)), dtype=jnp.int32)  # dot tiles need >= 16 rows
     head = kv_head * group + g
     q = tile.gather_rows(q_ref, (jnp.minimum(tok, num_tokens - 1), jnp.minimum(head, num_q_heads - 1)), head_dim)
+    q = tile_math.prepare_q(q)
 
     lo = 0 if tile_math.sliding_window is None else jnp.maximum(ctx_len - tile_math.sliding_window, 0)
     first_tile = lax.div(lo, block_k)
     tiles = pl.cdiv(ctx_len, block_k) - first_tile
     per_split = pl.cdiv(tiles, num_splits)
-    start = first_tile + split * per_split
+    start = jnp.minimum(first_tile + split * per_split, first_tile + tiles)
     stop = jnp.minimum(start + per_split, first_tile + tiles)
+    # Only the window's first tile and the context's last one are partly visible.
+    full_start = tile.clamp(pl.cdiv(lo, block_k), start, stop)
+    full_end = tile.clamp(lax.div(ctx_len, block_k), full_start, stop)
 
-    def body(t, carry):
+    def body(t, carry, masked):
         pos = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
         slots = tile.kv_slots(bt_ref, seq, pos, page_size=page_size)
         k = tile.gather_rows(k_ref, (kv_head, slots), head_dim)
         v = tile.gather_rows(v_ref, (kv_head, slots), head_dim)
-        visible = (pos >= lo) & (pos < ctx_len)
-        return tile.flash_update(carry, q, k, v, jnp.broadcast_to(visible[None, :], (g.shape[0], block_k)),
-                                 tile_math)
+        visible = None
+        if masked:
+            visible = jnp.broadcast_to(((pos >= lo) & (pos < ctx_len))[None, :], (g.shape[0], block_k))
+        return tile.flash_update(carry, q, k, v, visible, tile_math)
 
-    acc, m, l = lax.fori_loop(start, stop, body, tile.init_carry(g.shape[0], q.shape[-1]))
+    carry = tile.init_carry(g.shape[0], q.shape[-1])
+    acc, m, l = tile.sweep_tiles((start, full_start, full_end, stop), body, carry)
     if num_splits == 1:
+        # T == S: real sequences write their token's row, padding ones a zero row past the real tokens.
+        row = jnp.where(has_token, tok, qsl_ref[qsl_ref.shape[0] - 1] + seq - tok)
+        out = jnp.where(has_token, acc / l[:, None], 0.0)
         (o_ref,) = out_refs
-        tile.scatter_rows(o_ref, (seq, head), acc / jnp.maximum(l, 1e-30)[:, None], g < group, head_dim)
+        tile.scatter_rows(o_ref, (row, head), out, g < group, head_dim)
     else:
         o_ref, m_ref, l_ref = out_refs
         tile.scatter_rows(o_ref, (split, seq, head), acc, g < group, head_dim)
@@ -121,20 +130,27 @@ def decode_attention_triton(
     config: DecodeConfig,
     interpret: bool = False,
 ) -> jax.Array:  # [T, N, H]
-    """Each sequence's one token (query_start_loc[s]) attends to its context; padding rows of the output are 0."""
-    num_tokens, num_q_heads, head_dim = q.shape
+    """Each sequence's one token (query_start_loc[s]) attends to its context; padding rows of the output are 0.
+
+    Needs T == S (AttentionMetadata.decode_only): the output has no other rows to fill.
+    """
+    _, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     num_seqs, pages_per_seq = block_tables.shape
+    assert q.shape[0] == num_seqs, "decode needs one token per sequence (T == S)"
     context = pages_per_seq * page_size
     if sliding_window is not None:
         context = min(context, sliding_window + config.block_k)
     num_splits = config.splits(num_seqs, num_kv_heads, context)
+    group = num_q_heads // num_kv_heads
+    block_k, num_stages = tile.fit_shared_memory(config.block_k, config.num_stages,
+                                                 max(16, pl.next_power_of_2(group)), head_dim, q.dtype.itemsize)
 
     kernel = functools.partial(
-        _decode_kernel, group=num_q_heads // num_kv_heads, block_k=config.block_k, page_size=page_size,
+        _decode_kernel, group=group, block_k=block_k, page_size=page_size,
         head_dim=head_dim, num_splits=num_splits, tile_math=tile.TileMath(scale, soft_cap, sliding_window))
     if num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), q.dtype)
+        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
         out_shape = (jax.ShapeDtypeStruct((num_splits, num_seqs, num_q_heads, head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((num_splits, num_seqs, num_q_heads), jnp.float32),
@@ -144,12 +160,13 @@ def decode_attention_triton(
         kernel,
         grid=(num_seqs, num_kv_heads, num_splits),
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_attention",
     )(query_start_loc, seq_lens, block_tables, q, k_pages.reshape(flat), v_pages.reshape(flat))
-    o_seq = out if num_splits == 1 else _merge_splits(*out)
-    return _place_rows(o_seq.astype(q.dtype), query_start_loc, num_tokens)
+    if num_splits == 1:
+        return out
+    return _place_rows(_merge_splits(*out).astype(q.dtype), query_start_loc)
 
 
 def _merge_splits(o, m, l):  # f32[X, S, N, H], f32[X, S, N], f32[X, S, N] -> f32[S, N, H]
@@ -161,9 +178,9 @@ def _merge_splits(o, m, l):  # f32[X, S, N, H], f32[X, S, N], f32[X, S, N] -> f3
     return (weight[..., None] * o).sum(axis=0) / jnp.maximum(l_all, 1e-30)[..., None]
 
 
-def _place_rows(o_seq, query_start_loc, num_tokens):  # [S, N, H] -> [T, N, H]
-    """Each sequence's row goes to its token; padding tokens get 0 (their K/V feed the null block)."""
-    has_token = query_start_loc[1:] > query_start_loc[:-1]
-    rows = jnp.where(has_token, query_start_loc[:-1], num_tokens)  # padding sequences: dropped
-    out = jnp.zeros((num_tokens, *o_seq.shape[1:]), o_seq.dtype)
-    return out.at[rows].set(o_seq, mode="drop")
+def _place_rows(o_seq, query_start_loc):  # [S, N, H] -> [T, N, H], T == S
+    """Each sequence's row goes to its token; the k-th padding sequence's (a zero row) to the k-th padding token."""
+    start = query_start_loc[:-1]
+    has_token = query_start_loc[1:] > start
+    rows = jnp.where(has_token, start, query_start_loc[-1] + jnp.arange(start.shape[0]) - start)
+    return jnp.zeros_like(o_seq).at[rows].set(o_seq)

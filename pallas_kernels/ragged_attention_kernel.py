@@ -27,9 +27,10 @@ class RaggedConfig:
     """Tuning of the mixed prefill/decode kernel (measured on H100/H200: benchmarks/RESULTS.md)."""
 
     block_rows: int = 128  # R: query tokens x q-heads per program
-    block_k: int = 64  # C: context positions per tile
+    block_k: int = 128  # C: context positions per tile
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
+    half_exp: bool = False  # bf16/fp16 exp2 in pairs (sm_90); the CPU interpreter always uses f32 exp2
 
     def __post_init__(self):
         for name in ("block_rows", "block_k"):
@@ -91,22 +92,31 @@ def _ragged_kernel(
         # Rows past the block's tokens or the group read a clamped row; they are never stored.
         q = tile.gather_rows(q_ref, (jnp.minimum(tok, num_tokens - 1), jnp.minimum(head, num_q_heads - 1)),
                              head_dim)
-        pos_lo = first_pos + (tok0 - q_start)
-        hi = jnp.minimum(pos_lo + block_q, ctx_len)  # causal: nothing past the block's last token
-        lo = 0 if tile_math.sliding_window is None else jnp.maximum(pos_lo - tile_math.sliding_window + 1, 0)
+        q = tile_math.prepare_q(q)
+        window = tile_math.sliding_window
+        pos_lo = first_pos + (tok0 - q_start)  # the block's first and last query positions
+        pos_hi = jnp.minimum(pos_lo + block_q, ctx_len) - 1
+        lo = 0 if window is None else jnp.maximum(pos_lo - window + 1, 0)
+        first_tile, end_tile = lax.div(lo, block_k), pl.cdiv(pos_hi + 1, block_k)
+        # Tiles every row sees whole: keys <= pos_lo (causal) and, with a window, keys > pos_hi - window.
+        full_end = tile.clamp(lax.div(pos_lo + 1, block_k), first_tile, end_tile)
+        full_start = first_tile if window is None else tile.clamp(
+            pl.cdiv(pos_hi - window + 1, block_k), first_tile, full_end)
 
-        def body(t, carry):
+        def body(t, carry, masked):
             pos = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
             slots = tile.kv_slots(bt_ref, seq, pos, page_size=page_size)
             k = tile.gather_rows(k_ref, (kv_head, slots), head_dim)
             v = tile.gather_rows(v_ref, (kv_head, slots), head_dim)
-            visible = pos[None, :] <= q_pos[:, None]
-            if tile_math.sliding_window is not None:
-                visible &= pos[None, :] > q_pos[:, None] - tile_math.sliding_window
+            visible = None
+            if masked:
+                visible = pos[None, :] <= q_pos[:, None]
+                if window is not None:
+                    visible &= pos[None, :] > q_pos[:, None] - window
             return tile.flash_update(carry, q, k, v, visible, tile_math)
 
         carry = tile.init_carry(block_q * group_p, q.shape[-1])
-        acc, _, l = lax.fori_loop(lax.div(lo, block_k), pl.cdiv(hi, block_k), body, carry)
+        acc, _, l = tile.sweep_tiles((first_tile, full_start, full_end, end_tile), body, carry)
         tile.scatter_rows(o_ref, (tok, head), acc / l[:, None], row_ok, head_dim)
 
 
@@ -145,15 +155,17 @@ def ragged_attention_triton(
     first_tok = jnp.where(blk_seq < num_seqs, query_start_loc[blk_seq_c], query_start_loc[-1])
     blk_tok = (first_tok + (block - first_block) * block_q).astype(jnp.int32)
 
-    kernel = functools.partial(
-        _ragged_kernel, group=group, block_q=block_q, block_k=config.block_k, page_size=page_size,
-        head_dim=head_dim, tile_math=tile.TileMath(scale, soft_cap, sliding_window))
+    block_k, num_stages = tile.fit_shared_memory(config.block_k, config.num_stages, config.block_rows, head_dim,
+                                                 q.dtype.itemsize)
+    tile_math = tile.TileMath(scale, soft_cap, sliding_window, half_exp=config.half_exp and not interpret)
+    kernel = functools.partial(_ragged_kernel, group=group, block_q=block_q, block_k=block_k, page_size=page_size,
+                               head_dim=head_dim, tile_math=tile_math)
     flat = (num_kv_heads, num_pages * page_size, head_dim)
     return pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
     )(blk_seq, blk_tok, query_start_loc, seq_lens, block_tables, q, k_pages.reshape(flat), v_pages.reshape(flat))

@@ -13,7 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import REFERENCE, resolve_backend
+from pallas_kernels.backend import REFERENCE, XLA, resolve_backend
+from pallas_kernels.chunked_attention import ragged_paged_attention_chunked
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig, ragged_attention_triton
 
@@ -23,12 +24,13 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
 
     k_pages, v_pages: [K, P, B, H]; k, v: [T, K, H]; slot_mapping: i32[T] (page * B + offset).
     """
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    page_size = k_pages.shape[2]
+    page, offset = slot_mapping // page_size, slot_mapping % page_size
 
+    # Index the 4-D pages directly: scattering through a reshaped (bitcast) view made XLA copy the whole cache
+    # whenever the same step also read it back (seen on CPU, 2026-11-27).
     def write(pages, new):
-        flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
-        flat = flat.at[:, slot_mapping].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
-        return flat.reshape(pages.shape)
+        return pages.at[:, page, offset].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
 
     return write(k_pages, k), write(v_pages, v)
 
@@ -123,7 +125,8 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """Attention of the step's queries over their paged context; the step's own K/V must already be written.
 
-    backend: "auto" (Pallas Triton kernels on a GPU, the jnp reference elsewhere), "triton" or "reference".
+    backend: "auto" (Pallas Triton kernels on a GPU, the chunked XLA path elsewhere), "triton", "xla" or
+        "reference".
     decode_only: every sequence brings exactly one token; selects the flash-decoding kernel.
     interpret: run the Pallas kernels in the CPU interpreter (tests).
     Padding tokens (after query_start_loc[-1]) get a zero output.
@@ -138,7 +141,12 @@ def ragged_paged_attention(
     knobs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == REFERENCE:
         return ragged_paged_attention_reference(*args, **knobs)
+    if backend == XLA:
+        return ragged_paged_attention_chunked(*args, **knobs)
     if decode_only:
+        if q.shape[0] != block_tables.shape[0]:
+            raise ValueError(f"decode_only needs one token per sequence: q has {q.shape[0]} tokens, "
+                             f"block_tables {block_tables.shape[0]} sequences")
         return decode_attention_triton(*args, **knobs, config=decode_config or DecodeConfig(),
                                        interpret=interpret)
     return ragged_attention_triton(*args, **knobs, config=ragged_config or RaggedConfig(), interpret=interpret)

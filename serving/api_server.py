@@ -18,7 +18,7 @@ from jaxllm.validation import validate_prompt_token_ids
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.auth import APIKeyMiddleware
-from serving.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from serving.request_limits import DEFAULT_MAX_BODY_BYTES, RequestLimitsMiddleware
 from serving.chat import create_chat_completion
 from serving.completions import create_completion
 from serving.context import ServerContext
@@ -76,8 +76,8 @@ def build_app(ctx: ServerContext, options: AppOptions, on_fatal: Callable[[BaseE
                   openapi_url=None)
     install_error_handlers(app)
     _add_routes(app, ctx)
-    # Added innermost first: requests pass CORS, then the API key, then the body limit, then the routes.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=options.max_body_bytes)
+    # Added innermost first: requests pass CORS, then the API key, then the size limits, then the routes.
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=options.max_body_bytes)
     if options.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
     if options.allowed_origins:

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from serving.body_limit import DEFAULT_MAX_BODY_BYTES
+from serving.request_limits import DEFAULT_MAX_BODY_BYTES
 
 _DTYPES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 _LOAD_FORMATS = ["auto", "safetensors", "gguf", "dummy"]

@@ -47,9 +47,11 @@ class _CompletionView:
             return None
         return completion_logprobs(token_ids, positions, self.body.logprobs, self.tokenizer, text_offset)
 
+    def _prompt_positions(self, prompt_index: int, request_output) -> list:
+        return list(request_output.prompt_logprobs or [None] * len(self.prompt_ids[prompt_index]))
+
     def _echo_logprobs(self, prompt_index: int, request_output):
-        positions = request_output.prompt_logprobs or [None] * len(self.prompt_ids[prompt_index])
-        return self._logprobs(self.prompt_ids[prompt_index], positions)
+        return self._logprobs(self.prompt_ids[prompt_index], self._prompt_positions(prompt_index, request_output))
 
     def _usage(self, finals) -> UsageInfo:
         completion = sum(len(o.token_ids) for out in finals if out is not None for o in out.outputs)
@@ -61,11 +63,10 @@ class _CompletionView:
             for o in out.outputs:
                 text, logprobs = o.text, self._logprobs(o.token_ids, o.logprobs)
                 if self.body.echo:
-                    prompt_text = self.prompt_texts[prompt_index]
-                    text = prompt_text + text
-                    if logprobs is not None:
-                        logprobs = _join_logprobs(self._echo_logprobs(prompt_index, out),
-                                                  self._logprobs(o.token_ids, o.logprobs, len(prompt_text)))
+                    text = self.prompt_texts[prompt_index] + text
+                    if logprobs is not None:  # one pass, so text offsets run on through the prompt
+                        logprobs = self._logprobs(self.prompt_ids[prompt_index] + list(o.token_ids),
+                                                  self._prompt_positions(prompt_index, out) + list(o.logprobs))
                 choices.append(CompletionChoice(index=prompt_index * self.body.n + o.index, text=text,
                                                 logprobs=logprobs, finish_reason=o.finish_reason,
                                                 stop_reason=o.stop_reason))
@@ -101,7 +102,3 @@ class _CompletionView:
         if self.body.include_usage:
             yield sse({"id": self.request_id, "object": "text_completion", "created": self.created,
                        "model": self.model, "choices": [], "usage": self._usage(last).model_dump()})
-
-
-def _join_logprobs(first: dict, second: dict) -> dict:
-    return {key: first[key] + second[key] for key in first}

@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("jaxllm.serving")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
+          500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):

@@ -30,8 +30,12 @@ class EngineInput:
 
 def engine_failure(exc: BaseException) -> APIError:
     """What to tell the client when the engine fails a request: 400 for its validation, 500 otherwise."""
+    from jaxllm import EngineDeadError
+
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "the engine has stopped", code="engine_dead")
     if isinstance(exc, ValueError):
         return from_engine_value_error(exc)
     logger.error("request failed in the engine: %s: %s", type(exc).__name__, exc)

@@ -20,11 +20,10 @@ from serving.cli import engine_config
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
+from serving.request_limits import DEFAULT_MAX_HEADER_BYTES
 
 logger = logging.getLogger("jaxllm.serving")
 
-# h11 refuses request heads larger than this (uvicorn's default is 16 KiB); the answer is a 400 before any app code.
-MAX_HEADER_BYTES = 64 * 1024
 
 
 class _DrainingServer(uvicorn.Server):
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = build_app(ctx, options, on_fatal=on_fatal, on_ready=on_ready)
     uv_config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
-                               h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=5,
+                               h11_max_incomplete_event_size=DEFAULT_MAX_HEADER_BYTES, timeout_graceful_shutdown=5,
                                timeout_keep_alive=5, lifespan="on", log_config=None)
     server = _DrainingServer(uv_config, host, args.shutdown_timeout)
     # Printed before the model loads, so a supervisor (or a test) can poll /health, which is 503 until ready.

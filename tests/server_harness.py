@@ -138,3 +138,20 @@ def sse_events(lines) -> list:
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+_SHARED: dict[tuple[str, ...], ServerProcess] = {}
+
+
+def shared_server(request, *args: str) -> ServerProcess:
+    """One server per distinct argument list for the whole test session (each costs a model load and compile)."""
+    if args not in _SHARED:
+        proc = ServerProcess(*args)
+        request.config.add_cleanup(proc.stop)
+        _SHARED[args] = proc
+        proc.wait_ready()
+    return _SHARED[args]
+
+
+MAIN_ARGS = ("--model", TINY_MODEL, "--served-model-name", "tiny", "tiny-alias", "--api-key", API_KEY,
+             "--max-model-len", "256", "--max-num-seqs", "64", "--kv-cache-memory-bytes", "32M")

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.runtime.sampler import prompt_logprobs, process_logits, sample
+from jaxllm.runtime.sampler import _filter, prompt_logprobs, process_logits, sample
 from jaxllm.runtime.sampling_metadata import SamplingMetadata, SamplingRow
 
 _sample = jax.jit(sample)
@@ -304,6 +304,7 @@ def test_build_pads_to_buckets_sets_flags_and_validates():
     assert plain.output_ids.shape == (2, 1)  # unused history is not shipped
     generic = SamplingMetadata.build([row(logprobs=1)], pad_rows_to=2, vocab_size=100, specialize=False)
     assert generic.any_penalties and generic.any_topk_topp_minp and generic.num_logprobs == 20
+    assert SamplingMetadata.build([row(logprobs=-1)], pad_rows_to=1, vocab_size=100).num_logprobs == 100
     assert list(SamplingMetadata.build([row(seed=-1)], pad_rows_to=1, vocab_size=9).seed[0]) == [2**32 - 1] * 2
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingMetadata.build([row(logit_bias={100: 1.0})], pad_rows_to=1, vocab_size=100)
@@ -311,3 +312,14 @@ def test_build_pads_to_buckets_sets_flags_and_validates():
         SamplingMetadata.build([row(allowed_token_ids=[-2])], pad_rows_to=1, vocab_size=100)
     with pytest.raises(ValueError, match="pad_rows_to"):
         SamplingMetadata.build([row(), row()], pad_rows_to=1, vocab_size=100)
+
+
+def test_top_p_one_keeps_every_token_of_a_large_vocabulary():
+    # f32 running sums over 32k probabilities reach 1.0 early; a top_p=1 row must still lose nothing when
+    # another row's filters force the filtering path.
+    logits = (np.random.default_rng(14).normal(size=(2, 32000)) * 5).astype(np.float32)
+    md = SamplingMetadata.build([row(top_p=1.0), row(top_k=3)], pad_rows_to=2, vocab_size=32000)
+    assert md.any_topk_topp_minp
+    out = np.asarray(jax.jit(_filter)(logits, md))
+    np.testing.assert_array_equal(out[0], logits[0])
+    assert np.isfinite(out[1]).sum() == 3

@@ -45,7 +45,8 @@ def load_model(model: str | os.PathLike | ModelConfig, *, dtype: str = "auto", l
         return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh,
                                attention_backend=attention_backend)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model {path!r} is neither a directory nor a .gguf file")
+        hint = "; it is a GGUF file: use load_format 'auto' or 'gguf'" if is_gguf else ""
+        raise FileNotFoundError(f"model {path!r} is not a model directory (config.json + safetensors){hint}")
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if load_format == "dummy":
         return _dummy(config, dtype, mesh, attention_backend, seed)

@@ -1,8 +1,8 @@
 """Random weights made on the devices, for benchmarks and tests: the right shapes, dtype and sharding, no file.
 
-One jitted program with `out_shardings` generates every param where it will live, so even Llama-3.1-8B shapes
-never build a host array; each param's key is `fold_in(key(seed), leaf number)`, so values do not depend on how
-the params are sharded.
+Jitted programs with `out_shardings` generate every param where it will live, so even Llama-3.1-8B shapes never
+build a host array; each param's key is `fold_in(key(seed), leaf number)`, so values do not depend on how the params
+are sharded.
 """
 
 import jax
@@ -20,17 +20,18 @@ _NORMS = ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm")
 def dummy_params(model, *, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0) -> dict:
     mesh = make_mesh(1) if mesh is None else mesh
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
-    paths = [dotted(path) for path, _ in leaves]
-    shardings = [param_sharding(p, leaf.shape, mesh) for p, (_, leaf) in zip(paths, leaves)]
-
-    def init():
-        key = jax.random.key(seed)
-        out = []
-        for j, (path, (_, leaf)) in enumerate(zip(paths, leaves)):
-            noise = _STD * jax.random.normal(jax.random.fold_in(key, j), leaf.shape, leaf.dtype)
-            # Norm scales near 1 (as trained models have), everything else small and centred.
-            out.append(noise + 1 if path.rsplit(".", 1)[-1] in _NORMS else noise)
-        return out
-
-    arrays = jax.jit(init, out_shardings=shardings)()
+    key = jax.random.key(seed)
+    arrays = []
+    for j, (keypath, leaf) in enumerate(leaves):
+        path = dotted(keypath)
+        # One small program per param rather than one for all: layers repeat shapes, so a model compiles one
+        # program per distinct (shape, dtype, sharding) — a dozen for Llama-3.1-8B — and reuses them across calls.
+        make = jax.jit(_random_param, static_argnums=(2, 3, 4), out_shardings=param_sharding(path, leaf.shape, mesh))
+        arrays.append(make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS))
     return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _random_param(key: jax.Array, number: jax.Array, shape: tuple[int, ...], dtype, is_norm: bool) -> jax.Array:
+    noise = _STD * jax.random.normal(jax.random.fold_in(key, number), shape, dtype)
+    # Norm scales near 1 (as trained models have), everything else small and centred.
+    return noise + 1 if is_norm else noise

@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 import tokenizers
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
+from jaxllm.loading.gguf_file import GGUFTensorInfo, read_gguf_file
 from jaxllm.loading.gguf_tokenizer import GGUFTokenizerInfo, build_gguf_tokenizer
 
 
@@ -71,7 +74,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _TensorEntry:
-    tensor: Any  # gguf.ReaderTensor: raw data is a memmap, 2-D as (rows, bytes per row) for quantized types
+    tensor: GGUFTensorInfo  # raw data is a memmap view, 2-D as (rows, bytes per row) for quantized types
     shape: tuple[int, ...]  # HF layout, e.g. [out, in]
     # For un-permuted q/k: source row in the file for each HF row. Undoing the permutation as a row gather lets a
     # shard read fetch and dequantize only its own rows.
@@ -94,15 +97,12 @@ class GGUFTensors:
         return self._entries[name].shape
 
     def dtype(self, name: str) -> np.dtype:
-        from gguf import GGMLQuantizationType
-
-        return np.dtype(np.float16 if self._entries[name].tensor.tensor_type == GGMLQuantizationType.F16 else np.float32)
+        """float16 for F16 tensors; float32 for F32 and for everything dequantized (Q4_1, Q8_0, BF16, ...)."""
+        is_f16 = self._entries[name].tensor.tensor_type == GGMLQuantizationType.F16
+        return np.dtype(np.float16 if is_f16 else np.float32)
 
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """The tensor, or `tensor[index]` when index is a tuple of slices (one device's shard), as a fresh array."""
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
         entry = self._entries[name]
         index = tuple(index or ())
         if len(index) > len(entry.shape):
@@ -140,15 +140,11 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    from gguf import GGUFReader
-
     path = os.fspath(path)
-    reader = GGUFReader(path)
-    meta = {key: field for key, field in reader.fields.items()}
+    metadata, tensor_infos = read_gguf_file(path)
 
     def get(key: str, default=None):
-        field = meta.get(key)
-        return default if field is None else field.contents()
+        return metadata.get(key, default)
 
     arch_name = get("general.architecture")
     arch = _ARCHITECTURES.get(arch_name)
@@ -158,7 +154,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
             f"supported: {sorted(_ARCHITECTURES)}"
         )
     tok = build_gguf_tokenizer(get)
-    raw_tensors = {t.name: t for t in reader.tensors}
+    raw_tensors = {t.name: t for t in tensor_infos}
     config = _hf_config(arch_name, arch, get, tok, raw_tensors)
     return GGUFCheckpoint(
         path=path,
@@ -189,11 +185,17 @@ def _float32(value) -> float:
 
 def _hf_config(arch_name: str, arch: _Architecture, get, tok: GGUFTokenizerInfo, raw_tensors: dict) -> dict:
     p = arch_name + "."
-    hidden = int(get(p + "embedding_length"))
-    n_heads = int(get(p + "attention.head_count"))
+
+    def need(key: str) -> int:
+        if get(p + key) is None:
+            raise ValueError(f"GGUF metadata lacks {p + key}")
+        return int(get(p + key))
+
+    hidden = need("embedding_length")
+    n_heads = need("attention.head_count")
     head_dim = int(get(p + "attention.key_length", hidden // n_heads))
     vocab = len(tok.tokenizer_tokens)
-    embd_rows = int(raw_tensors["token_embd.weight"].shape[-1])
+    embd_rows = int(raw_tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in raw_tensors else None
     if embd_rows != vocab:
         raise ValueError(f"GGUF token list has {vocab} tokens but token_embd.weight has {embd_rows} rows")
     config = {
@@ -201,8 +203,8 @@ def _hf_config(arch_name: str, arch: _Architecture, get, tok: GGUFTokenizerInfo,
         "model_type": arch.model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(get(p + "feed_forward_length")),
-        "num_hidden_layers": int(get(p + "block_count")),
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(get(p + "attention.head_count_kv", n_heads)),
         "head_dim": head_dim,
@@ -252,7 +254,7 @@ def _llama3_rope_scaling(freq_factors: np.ndarray, config: dict) -> dict:
         wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth))
     )
     if expected.shape != freq_factors.shape or not np.allclose(expected, freq_factors, rtol=1e-5):
-        raise ValueError("GGUF rope_freqs do not match llama3 rope scaling with low/high factors 1/4 and 8192 positions")
+        raise ValueError("GGUF rope_freqs do not match llama3 rope scaling (low/high freq factors 1/4, 8192 positions)")
     return {
         "rope_type": "llama3",
         "factor": factor,
@@ -279,7 +281,7 @@ def _tensor_entries(arch: _Architecture, raw_tensors: dict, config: dict) -> dic
             continue  # folded into config["rope_scaling"]
         name = _hf_name(gguf_name)
         if name is None:
-            raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face name for architecture {arch.model_type!r}")
+            raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face name for architecture {arch.model_type}")
         shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions fastest-first
         row_order = None
         proj = name.rsplit(".", 2)[-2]

@@ -9,7 +9,9 @@ import functools
 import logging
 from typing import Any, Callable
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from jaxllm.tokenizer import template_post_processor
 
 logger = logging.getLogger(__name__)
 
@@ -142,15 +144,3 @@ def _pre_tokenizer(pre: str):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-
-
-def template_post_processor(
-    add_bos: bool, bos: str | None, bos_id: int | None, add_eos: bool, eos: str | None, eos_id: int | None
-) -> processors.TemplateProcessing:
-    """transformers' `update_post_processor`: BOS/EOS around each sequence as the add_* flags say."""
-    add_bos, add_eos = add_bos and bos_id is not None, add_eos and eos_id is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    specials = ([(bos, bos_id)] if add_bos else []) + ([(eos, eos_id)] if add_eos and eos != bos else [])
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-

@@ -11,7 +11,7 @@ from typing import Iterable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.weight_map import WeightRule, dotted, name_regex
@@ -35,8 +35,8 @@ class TensorSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class _Piece:
-    """Where one param's data lies: rows [offset, offset + size) of checkpoint tensor `name` (columns if transposed,
-    since the param is then [in, out] and the tensor [out, in])."""
+    """Where one param's data lies: rows [offset, offset + size) of checkpoint tensor `name`; when `transpose`, the
+    param is those rows transposed (HF Linear [out, in] -> our [in, out])."""
 
     name: str
     offset: int
@@ -104,26 +104,35 @@ def load_params(source: TensorSource, model, *, dtype="auto", mesh: Mesh | None 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
     shapes = {dotted(path): leaf.shape for path, leaf in leaves}
     pieces = plan(source, model.weight_map, model.ignored_weights, shapes)
-    np_dtype = np.dtype(dtype)
-    arrays = []
-    for path, shape in shapes.items():
-        piece = pieces[path]
-        arrays.append(jax.make_array_from_callback(
-            shape, param_sharding(path, shape, mesh),
-            lambda index, piece=piece, shape=shape: _read(source, piece, index, shape, np_dtype)))
+    arrays = [_place(source, pieces[path], shape, param_sharding(path, shape, mesh), jnp.dtype(dtype))
+              for path, shape in shapes.items()]
     return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
-def _read(source: TensorSource, piece: _Piece, index: tuple[slice, ...], shape, dtype: np.dtype) -> np.ndarray:
-    """One device's block `index` of a param, read as the matching block of the checkpoint tensor."""
-    bounds = [slice(*s.indices(n)[:2]) for s, n in zip(index, shape)]
-    if piece.transpose:
-        rows, cols = bounds  # param [in, out] <- tensor [out, in]
-        block = source.read(piece.name, (slice(piece.offset + cols.start, piece.offset + cols.stop), rows)).T
-    else:
-        first, *rest = bounds
-        block = source.read(piece.name, (slice(piece.offset + first.start, piece.offset + first.stop), *rest))
-    return np.ascontiguousarray(block.astype(dtype, copy=False))
+def _place(source: TensorSource, piece: _Piece, shape: tuple[int, ...], sharding: NamedSharding, dtype) -> jax.Array:
+    """One param on its devices. The blocks travel in checkpoint layout and dtype; transposing and casting happen on
+    the devices, where they are nearly free (a host transpose-copy of one 8B-model MLP matrix takes ~1 s)."""
+    stored_shape = shape[::-1] if piece.transpose else shape
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    stored_sharding = NamedSharding(sharding.mesh, P(*(spec[::-1] if piece.transpose else spec)))
+    stored = jax.make_array_from_callback(
+        stored_shape, stored_sharding, lambda index: _read_block(source, piece, index, stored_shape))
+    if not piece.transpose and stored.dtype == dtype:
+        return stored
+    convert = jax.jit(_to_param, static_argnums=(1, 2), out_shardings=sharding)  # compiled once per shape & dtype
+    return convert(stored, piece.transpose, dtype)
+
+
+def _to_param(stored: jax.Array, transpose: bool, dtype) -> jax.Array:
+    return (stored.T if transpose else stored).astype(dtype)
+
+
+def _read_block(source: TensorSource, piece: _Piece, index: tuple[slice, ...], shape) -> np.ndarray:
+    """One device's block `index` (in checkpoint layout) of a param: rows shifted by the param's offset."""
+    first, *rest = (slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+    block = source.read(piece.name, (slice(piece.offset + first.start, piece.offset + first.stop), *rest))
+    # jax has no float64 without x64 mode: narrow on the host rather than let it truncate silently.
+    return block.astype(np.float32) if block.dtype == np.float64 else block
 
 
 def _checkpoint_shape(rule: WeightRule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:

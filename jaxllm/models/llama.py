@@ -11,7 +11,8 @@ Param tree (dtype = the params dtype; "?" = present only when the config says so
     embed      [V, D]                  final_norm [D]                  lm_head? [D, V]  (absent when tied)
     layers[l]: input_norm [D]  q_proj [D, N*H]  k_proj [D, K*H]  v_proj [D, K*H]  o_proj [N*H, D]
                q_bias?/k_bias?/v_bias? [N*H]/[K*H]/[K*H]  o_bias? [D]  q_norm?/k_norm? [H]
-               post_norm [D]  gate_proj [D, F]  up_proj [D, F]  down_proj [F, D]  gate_bias?/up_bias? [F]  down_bias? [D]
+               post_norm [D]  gate_proj [D, F]  up_proj [D, F]  down_proj [F, D]
+               gate_bias?/up_bias? [F]  down_bias? [D]
 Projections are [in, out] (HF Linear is [out, in]: the weight map transposes), and q/k/v keep heads flattened so a
 column split over "tp" is a split over heads.
 """

@@ -101,10 +101,12 @@ def _filter(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # f32[S, 1]
     desc = jnp.where(desc >= kth, desc, -jnp.inf)
     probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly ahead of each sorted token
-    # top_p == 1 keeps all: float cumsum can reach 1.0 before the tail and would drop tiny-probability tokens.
-    in_nucleus = (before < md.top_p[:, None]) | (md.top_p[:, None] >= 1.0)
-    last = jnp.maximum(in_nucleus.sum(axis=-1) - 1, 0)  # prefix length - 1: `before` never decreases
+    # Token i is in the nucleus iff the mass strictly ahead of it is < top_p, i.e. the mass from it to the end is
+    # > 1 - top_p. Summing from the tail (smallest first, as vLLM does) keeps f32 from rounding the head's running
+    # sum up to 1.0 and dropping the tail when top_p == 1; the explicit >= 1 keeps that case exact anyway.
+    tail = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), axis=-1), -1)
+    in_nucleus = (tail > 1.0 - md.top_p[:, None]) | (md.top_p[:, None] >= 1.0)
+    last = jnp.maximum(in_nucleus.sum(axis=-1) - 1, 0)  # prefix length - 1: `tail` never increases
     # Never below the top-k boundary: with top_p == 1 the "nucleus" runs into the -inf tail.
     boundary = jnp.maximum(jnp.take_along_axis(desc, last[:, None], axis=-1), kth)
     return jnp.where(logits >= boundary, logits, -jnp.inf)
@@ -157,5 +159,5 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
         token_ids = jnp.where(md.greedy, token_ids, drawn)
     logprobs = None
     if md.num_logprobs >= 0:
-        logprobs = compute_logprobs(processed, token_ids, md.num_logprobs)
+        logprobs = compute_logprobs(logits, token_ids, md.num_logprobs)
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs)

@@ -159,8 +159,8 @@ class SamplingMetadata:
             outputs.append(row.output_token_ids)
             prompts.append(row.prompt_token_ids)
             lp = getattr(p, "logprobs", None)
-            if lp is not None:
-                max_logprobs = max(max_logprobs, int(lp))
+            if lp is not None:  # vLLM reads logprobs=-1 as "the whole vocabulary"
+                max_logprobs = max(max_logprobs, vocab_size if int(lp) < 0 else min(int(lp), vocab_size))
         random = ~greedy[:n]
         flags = dict(
             all_greedy=not random.any(),

@@ -43,6 +43,8 @@ class BlockManager:
         self._cpu_ref = [0] * num_cpu_blocks
         self._cpu_hash: list[bytes | None] = [None] * num_cpu_blocks
         self._cpu_free = collections.deque(range(num_cpu_blocks))
+        self.prefix_cache_queries = 0  # tokens looked up by admitted sequences, since start (vLLM's counter)
+        self.prefix_cache_hits = 0  # of those, tokens found in the cache
 
     @property
     def num_usable_blocks(self) -> int:
@@ -106,6 +108,10 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def count_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_cache_queries += num_tokens
+        self.prefix_cache_hits += num_hit_tokens
+
     def attach_prefix(self, seq: Sequence, blocks: list[int]) -> None:
         """Give a sequence with no blocks the cached blocks from lookup_prefix; those tokens count as computed."""
         assert not seq.block_table and seq.num_computed_tokens == 0
@@ -117,12 +123,17 @@ class BlockManager:
 
     def blocks_needed(self, plan: list[tuple[Sequence, int]]) -> int:
         """Free blocks that allocate() will consume to write each (seq, num_tokens) of plan, in that order."""
-        bs, new, writes = self.block_size, 0, collections.Counter()
+        bs, new, writes = self.block_size, 0, None
         for seq, num_tokens in plan:
             start = seq.num_computed_tokens
             new += max(0, cdiv(start + num_tokens, bs) - len(seq.block_table))
             if num_tokens and start % bs:
-                writes[seq.block_table[start // bs]] += 1
+                block = seq.block_table[start // bs]
+                if self._ref[block] > 1:
+                    writes = writes or collections.Counter()
+                    writes[block] += 1
+        if writes is None:
+            return new
         # A shared partial block written through r of its refs costs a copy per writer but the last owner.
         return new + sum(min(m, self._ref[b] - 1) for b, m in writes.items())
 

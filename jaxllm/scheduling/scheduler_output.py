@@ -9,12 +9,12 @@ Each list may be non-empty while `scheduled` is empty; run the copies anyway.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 from jaxllm.scheduling.sequence import Sequence
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledSequence:
+class ScheduledSequence(NamedTuple):  # a tuple, not a dataclass: one is built per sequence per step
     """One sequence's work in a step: compute `token_ids` at positions start_pos, start_pos + 1, ...
 
     block_table: the sequence's full device block table after this step's allocation (physical ids, block i holds
@@ -44,7 +44,8 @@ class ScheduledSequence:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
-    """One step's batch. `scheduled` is ordered: sequences of older requests first; a sequence appears at most once.
+    """One step's batch. `scheduled` holds each sequence at most once: running requests oldest first, then requests
+    swapped in, then newly admitted ones.
 
     Pass the sampled token of every entry of `scheduled` (any value where do_sample is False) to Scheduler.update.
     """

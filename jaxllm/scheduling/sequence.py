@@ -3,6 +3,9 @@
 A SequenceGroup is one request. With n > 1 it starts as ONE sequence that prefills the prompt up to (not including)
 its last token; then it forks into n sequences sharing those blocks by reference count, and each computes the last
 prompt token itself and samples its own continuation (the partial last block is copied on write when they diverge).
+A forked group preempted by recompute goes through the same dance again: its first unfinished sample (the leader)
+re-prefills the shared prompt while the others wait, then they adopt its blocks and recompute only their own tokens,
+so a group never needs more blocks after a preemption than before it.
 """
 
 import enum
@@ -34,6 +37,7 @@ _FINISH_REASONS = {
     SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
     SequenceStatus.FINISHED_ABORTED: "abort",
 }
+_FINISHED = tuple(_FINISH_REASONS)
 
 
 class Sequence:
@@ -80,7 +84,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status in _FINISHED  # identity checks: this runs for every sequence in every step
 
     @property
     def finish_reason(self) -> str | None:
@@ -88,8 +92,11 @@ class Sequence:
 
     @property
     def compute_limit(self) -> int:
-        """How many tokens this sequence computes before it next needs a sampled token (or a fork)."""
-        return self.num_prompt_tokens - 1 if self.group.pending_fork else len(self.token_ids)
+        """How many tokens this sequence computes before it next needs a sampled token (or the fork)."""
+        group = self.group
+        if not group.pending_fork:
+            return len(self.token_ids)
+        return self.num_prompt_tokens - 1 if self is group.leader else 0
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -131,21 +138,27 @@ class SequenceGroup:
         self.max_tokens: int = params.max_tokens if params.max_tokens is not None else -1
         self.arrival_index = -1
         self.num_cached_tokens: int | None = None  # prefix-cache hit (tokens) at the first admission
+        self.seed: int | None = None  # the engine's sampling seed for this request (params.seed or a derived one)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def leader(self) -> Sequence:
+        """The sequence that prefills the shared prompt while the group waits for its fork."""
+        return next(s for s in self.seqs if not s.is_finished)
+
     def unfinished_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.is_finished]
+        return [s for s in self.seqs if s.status not in _FINISHED]
 
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
     @property
     def num_seqs_reserved(self) -> int:
-        """Sequences this group may run at once: n before the fork, since the fork happens without asking."""
-        return self.params.n if self.pending_fork else len(self.unfinished_seqs())
+        """Sequences this group may run at once: n before its first fork, since the fork happens without asking."""
+        return self.params.n if len(self.seqs) < self.params.n else len(self.unfinished_seqs())
 
     def __repr__(self) -> str:
         return f"SequenceGroup({self.request_id!r}, n={self.params.n}, seqs={self.seqs})"

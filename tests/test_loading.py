@@ -1,0 +1,285 @@
+"""Weight loading: name maps, sharded/fused/tied checkpoints, dtypes, refusals, errors, dummy weights, placement."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxllm.loading import SafetensorsSource, dummy_params, load_model
+from jaxllm.model_config import ModelConfig
+from jaxllm.models import build_model
+from jaxllm.models.weight_map import dotted
+from jaxllm.sharding import make_mesh, param_spec
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+LLAMA3 = FIXTURES / "llama3"  # sharded in two files with an index
+QWEN2 = FIXTURES / "qwen2"  # tied embeddings, q/k/v biases
+
+
+def hf_tensors(directory) -> dict[str, np.ndarray]:
+    """The checkpoint through safetensors' own reader (an independent oracle for ours), as float32."""
+    out = {}
+    for path in sorted(pathlib.Path(directory).glob("*.safetensors")):
+        with safe_open(path, framework="flax") as f:
+            out |= {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    return out
+
+
+def write_checkpoint(directory, tensors: dict[str, np.ndarray], config: dict) -> pathlib.Path:
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+def fixture_config(directory) -> dict:
+    return json.loads((pathlib.Path(directory) / "config.json").read_text())
+
+
+def test_sharded_checkpoint_fills_every_param_exactly():
+    model, params, config = load_model(LLAMA3, dtype="float32")
+    ref = hf_tensors(LLAMA3)
+    np.testing.assert_array_equal(params["embed"], ref["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params["lm_head"], ref["lm_head.weight"].T)
+    np.testing.assert_array_equal(params["final_norm"], ref["model.norm.weight"])
+    for i in range(config.num_layers):
+        layer, pre = params["layers"][i], f"model.layers.{i}."
+        for ours, theirs in [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
+                             ("v_proj", "self_attn.v_proj"), ("o_proj", "self_attn.o_proj"),
+                             ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
+                             ("down_proj", "mlp.down_proj")]:
+            np.testing.assert_array_equal(layer[ours], ref[pre + theirs + ".weight"].T)
+        np.testing.assert_array_equal(layer["input_norm"], ref[pre + "input_layernorm.weight"])
+        np.testing.assert_array_equal(layer["post_norm"], ref[pre + "post_attention_layernorm.weight"])
+    assert len(jax.tree_util.tree_leaves(params)) == len(ref)
+
+
+def test_index_disagreeing_with_shards_is_an_error(tmp_path):
+    shutil.copytree(LLAMA3, tmp_path / "m")
+    index = json.loads((tmp_path / "m/model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = "model-00001-of-00002.safetensors"
+    (tmp_path / "m/model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model.layers.0.mlp.extra.weight"):
+        load_model(tmp_path / "m")
+
+
+def test_tied_embeddings_have_no_lm_head_and_a_stray_copy_is_skipped(tmp_path):
+    _, params, config = load_model(QWEN2, dtype="float32")
+    assert config.tie_word_embeddings and "lm_head" not in params
+    ref = hf_tensors(QWEN2)
+    np.testing.assert_array_equal(params["layers"][1]["k_bias"], ref["model.layers.1.self_attn.k_proj.bias"])
+    ref["lm_head.weight"] = ref["model.embed_tokens.weight"]  # some tied checkpoints store the copy anyway
+    _, params2, _ = load_model(write_checkpoint(tmp_path / "m", ref, fixture_config(QWEN2)), dtype="float32")
+    assert "lm_head" not in params2
+
+
+def test_dtype_auto_and_conversions(tmp_path):
+    assert load_model(LLAMA3)[1]["embed"].dtype == jnp.bfloat16  # config.json: torch_dtype bfloat16
+    ref = hf_tensors(LLAMA3)
+    _, half, _ = load_model(LLAMA3, dtype="float16")
+    assert half["layers"][0]["q_proj"].dtype == jnp.float16
+    np.testing.assert_array_equal(half["layers"][0]["q_proj"],
+                                  ref["model.layers.0.self_attn.q_proj.weight"].T.astype(np.float16))
+    # A float32 checkpoint stays float32 under auto, whether config.json says so or only the tensors do.
+    rng = np.random.default_rng(0)
+    fp32 = {k: (v + rng.normal(0, 1e-3, v.shape)).astype(np.float32) for k, v in ref.items()}
+    for dtype_key in ({"torch_dtype": "float32"}, {}):
+        config = {k: v for k, v in fixture_config(LLAMA3).items() if k not in ("torch_dtype", "dtype")} | dtype_key
+        d = write_checkpoint(tmp_path / f"f32{len(dtype_key)}", fp32, config)
+        _, params, _ = load_model(d)
+        assert params["embed"].dtype == jnp.float32
+        np.testing.assert_array_equal(params["embed"], fp32["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        load_model(LLAMA3, dtype="int8")
+
+
+def test_fused_qkv_and_gate_up_load_like_split_projections(tmp_path):
+    ref = hf_tensors(LLAMA3)
+    fused = dict(ref)
+    for i in range(2):
+        pre = f"model.layers.{i}."
+        fused[pre + "self_attn.qkv_proj.weight"] = np.concatenate(
+            [fused.pop(pre + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        fused[pre + "mlp.gate_up_proj.weight"] = np.concatenate(
+            [fused.pop(pre + "mlp.gate_proj.weight"), fused.pop(pre + "mlp.up_proj.weight")])
+    config = fixture_config(LLAMA3)
+    _, got, _ = load_model(write_checkpoint(tmp_path / "fused", fused, config), dtype="float32")
+    _, want, _ = load_model(LLAMA3, dtype="float32")
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_refuses_pickles_without_unpickling(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(fixture_config(LLAMA3)))
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        load_model(d)
+    with pytest.raises(NotImplementedError, match="no pickle reader"):
+        load_model(d, allow_pickle=True)
+    # Next to safetensors weights, pickles are simply ignored.
+    save_file({k: v for k, v in hf_tensors(LLAMA3).items()}, str(d / "model.safetensors"))
+    assert load_model(d)[2].architecture == "LlamaForCausalLM"
+
+
+def test_auto_map_refused_and_never_imported(tmp_path):
+    d = tmp_path / "remote"
+    shutil.copytree(LLAMA3, d)
+    sentinel = tmp_path / "imported"
+    (d / "modeling_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
+    config = fixture_config(d) | {"auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(d)
+    assert load_model(d, trust_remote_code=True)[2].architecture == "LlamaForCausalLM"
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"layers\.1\.up_proj \(e\.g\. model\.layers\.1\.mlp"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.ones(256, np.float32)}),
+     r"unexpected checkpoint tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
+    (lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.ones((128, 64), np.float32)}),
+     r"unexpected checkpoint tensor 'model\.layers\.2\.mlp\.up_proj\.weight'"),
+    (lambda t: t.update({"vision_tower.proj.weight": np.ones(3, np.float32)}), r"'vision_tower\.proj\.weight'"),
+    (lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)}), r"'model\.norm\.weight' has shape \(65,\)"),
+])
+def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, edit, match):
+    tensors = hf_tensors(LLAMA3)
+    edit(tensors)
+    d = write_checkpoint(tmp_path / "m", tensors, fixture_config(LLAMA3))
+    with pytest.raises(ValueError, match=match):
+        load_model(d)
+
+
+def test_derived_rotary_buffers_are_ignored(tmp_path):
+    tensors = hf_tensors(LLAMA3) | {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(32, np.float32)}
+    assert load_model(write_checkpoint(tmp_path / "m", tensors, fixture_config(LLAMA3)))[2].num_layers == 2
+
+
+def test_safetensors_source_reads_only_the_requested_block():
+    source = SafetensorsSource.from_dir(LLAMA3)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    full = source.read(name)
+    assert source.shape(name) == full.shape == (256, 64) and source.dtype(name) == jnp.bfloat16
+    np.testing.assert_array_equal(source.read(name, (slice(64, 128), slice(8, 40))), full[64:128, 8:40])
+
+
+def test_dummy_params_shapes_dtypes_and_determinism():
+    config = ModelConfig.from_pretrained(QWEN2)
+    model, params, _ = load_model(config, load_format="dummy", dtype="bfloat16", seed=3)
+    want = model.param_shapes(jnp.bfloat16)
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), want) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
+    q = np.asarray(params["layers"][0]["q_proj"], np.float32)
+    assert 0.01 < q.std() < 0.03 and np.all(np.isfinite(q))
+    norm = np.asarray(params["layers"][1]["input_norm"], np.float32)
+    assert abs(norm.mean() - 1) < 0.01 and norm.std() > 0
+    again = dummy_params(model, dtype=jnp.bfloat16, seed=3)
+    other = dummy_params(model, dtype=jnp.bfloat16, seed=4)
+    np.testing.assert_array_equal(again["embed"], params["embed"])
+    assert not np.array_equal(other["embed"], params["embed"])
+    assert not np.array_equal(params["layers"][0]["k_proj"], params["layers"][1]["k_proj"])
+
+
+def test_dummy_llama31_8b_shapes_without_allocating():
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+          "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+          "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
+          "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    model = build_model(ModelConfig.from_hf(hf))
+    shapes = jax.eval_shape(lambda: dummy_params(model, dtype=jnp.bfloat16))
+    assert sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)) == 8_030_261_248
+    assert shapes["layers"][31]["k_proj"].shape == (4096, 1024) and shapes["lm_head"].dtype == jnp.bfloat16
+
+
+def test_params_placed_with_their_partition_specs_on_a_one_device_mesh():
+    mesh = make_mesh(1)
+    _, params, _ = load_model(QWEN2, mesh=mesh)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
+        want = NamedSharding(mesh, param_spec(dotted(path), leaf.shape, mesh))
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (dotted(path), leaf.sharding)
+    assert params["layers"][0]["q_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tp")
+
+
+SHARDED_CHECK = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from jaxllm.kv_cache import AttentionMetadata, KVCache
+from jaxllm.loading import SafetensorsSource, load_checkpoint
+from jaxllm.model_config import ModelConfig
+from jaxllm.sharding import kv_sharding, make_mesh
+
+fixture = sys.argv[1]
+assert len(jax.devices()) == 4, jax.devices()
+reads = []
+
+class Recording(SafetensorsSource):
+    def read(self, name, index=None):
+        out = super().read(name, index)
+        reads.append((name, out.shape))
+        return out
+
+mesh = make_mesh(4)
+config = ModelConfig.from_pretrained(fixture)
+model, params, _ = load_checkpoint(config, Recording.from_dir(fixture), dtype="float32", mesh=mesh)
+reference = SafetensorsSource.from_dir(fixture)
+for path, hf, spec, shard_shape in [
+        (("layers", 0, "q_proj"), "model.layers.0.self_attn.q_proj.weight", P(None, "tp"), (64, 64)),
+        (("layers", 1, "down_proj"), "model.layers.1.mlp.down_proj.weight", P("tp", None), (32, 64)),
+        (("embed",), "model.embed_tokens.weight", P("tp", None), (128, 64))]:
+    leaf = params
+    for key in path:
+        leaf = leaf[key]
+    assert leaf.sharding.spec == spec, (path, leaf.sharding.spec)
+    full = reference.read(hf).astype(np.float32)
+    full = full if path == ("embed",) else full.T
+    assert len(leaf.addressable_shards) == 4
+    for shard in leaf.addressable_shards:
+        assert shard.data.shape == shard_shape
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+    # each device read only its own block from the file: no full copy per device
+    assert {shape for name, shape in reads if name == hf} == {shard_shape[::-1] if path != ("embed",) else
+                                                            shard_shape}, reads
+
+golden = np.load(f"{fixture}/golden.npz")
+prompt, want = golden["prompt_2"], golden["logits_2"]
+t, block = len(prompt), 4
+table = np.random.default_rng(0).permutation(np.arange(1, 16))[: -(-t // block)]
+pos = np.arange(t)
+cache = KVCache.create(num_layers=config.num_layers, num_blocks=16, block_size=block,
+                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
+                       sharding=kv_sharding(mesh, config.num_kv_heads))
+metadata = AttentionMetadata(
+    positions=jnp.asarray(pos, jnp.int32),
+    slot_mapping=jnp.asarray(table[pos // block] * block + pos % block, jnp.int32),
+    block_tables=jnp.asarray(np.pad(table, (0, 15 - len(table)))[None], jnp.int32),
+    seq_lens=jnp.asarray([t], jnp.int32), query_start_loc=jnp.asarray([0, t], jnp.int32))
+_, logits = jax.jit(model.__call__)(params, cache, jnp.asarray(prompt, jnp.int32), metadata)
+err = np.linalg.norm(np.asarray(logits) - want) / np.linalg.norm(want)
+assert err <= 1e-4, err
+print("OK", err)
+"""
+
+
+def test_params_sharded_over_four_cpu_devices():
+    """Placement, per-device reads and a tensor-parallel forward on 4 CPU devices. A subprocess, because the device
+    count is fixed when jax starts (XLA_FLAGS must be set before the import)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARDED_CHECK, str(LLAMA3)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout

@@ -1,0 +1,139 @@
+"""Load, abort and accounting: identical greedy results under concurrency, client disconnects (streaming or not)
+free everything within 2 s, aborting some requests leaves the others exact, and /metrics counters are exact."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from server_harness import API_KEY, MAIN_ARGS, metric, shared_server
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def url(request):
+    return shared_server(request, *MAIN_ARGS).url
+
+
+def scrape(url: str) -> str:
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200
+    return r.text
+
+
+def wait_idle(url: str, within: float) -> str:
+    """Polls /metrics until running, waiting and KV usage are all 0; fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        text = scrape(url)
+        gauges = [metric(text, name) for name in
+                  ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")]
+        if gauges == [0.0, 0.0, 0.0]:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not idle after {within} s: running, waiting, kv = {gauges}")
+        time.sleep(0.05)
+
+
+def test_64_concurrent_identical_greedy_requests_agree(url):
+    body = {"model": "tiny", "prompt": "Concurrency is", "max_tokens": 16, **GREEDY}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(64)))
+
+    responses = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses)
+    texts = {r.json()["choices"][0]["text"] for r in responses}
+    assert len(texts) == 1 and len(texts.pop()) > 0
+    wait_idle(url, 2.0)
+
+
+def test_closing_50_streams_midway_frees_everything_within_2s(url):
+    body = {"model": "tiny", "prompt": "A long story:", "max_tokens": 200, "stream": True, **GREEDY}
+
+    async def open_and_close(client):
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 2:
+                    break  # leaving the block closes the connection mid-stream
+
+    async def run():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120, limits=limits) as client:
+            await asyncio.gather(*(open_and_close(client) for _ in range(50)))
+
+    before = metric(scrape(url), "vllm:generation_tokens_total")
+    asyncio.run(run())
+    text = wait_idle(url, 2.0)
+    assert metric(text, "vllm:generation_tokens_total") - before < 50 * 200
+
+
+def test_timed_out_non_streaming_requests_are_aborted_within_2s(url):
+    body = {"model": "tiny", "prompt": "Slow answer:", "max_tokens": 230, **GREEDY}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=0.5) as client:
+            results = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(10)),
+                                           return_exceptions=True)
+        assert all(isinstance(r, httpx.TimeoutException) for r in results), results
+
+    before = metric(scrape(url), "vllm:generation_tokens_total")
+    asyncio.run(run())
+    text = wait_idle(url, 2.0)
+    assert metric(text, "vllm:generation_tokens_total") - before < 10 * 230
+
+
+def test_aborting_10_of_100_leaves_the_other_90_exact(url):
+    body = {"model": "tiny", "prompt": "Ninety stay", "max_tokens": 12, **GREEDY}
+    expected = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["choices"][0]["text"]
+
+    async def finish(client):
+        r = await client.post("/v1/completions", json=body)
+        return r.json()["choices"][0]["text"]
+
+    async def abandon(client):
+        async with client.stream("POST", "/v1/completions", json=body | {"stream": True, "max_tokens": 200}) as r:
+            async for _ in r.aiter_lines():
+                break
+
+    async def run():
+        limits = httpx.Limits(max_connections=128, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120, limits=limits) as client:
+            kept = [asyncio.ensure_future(finish(client)) for _ in range(90)]
+            await asyncio.gather(*(abandon(client) for _ in range(10)))
+            return await asyncio.gather(*kept)
+
+    assert asyncio.run(run()) == [expected] * 90
+    wait_idle(url, 2.0)
+
+
+def test_counters_are_exact_after_10_requests(url):
+    before = wait_idle(url, 5.0)
+    prompt_tokens = 0
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        for i in range(10):
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": f"count {i} " * (i + 1),
+                                                     "max_tokens": 3, **GREEDY})
+            assert r.status_code == 200
+            prompt_tokens += r.json()["usage"]["prompt_tokens"]
+    after = scrape(url)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("vllm:request_success_total", finished_reason="length") == 10
+    assert delta("vllm:generation_tokens_total") == 30
+    assert delta("vllm:prompt_tokens_total") == prompt_tokens
+    for histogram in ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
+                      "vllm:request_queue_time_seconds"):
+        assert delta(f"{histogram}_count") == 10
+    assert delta("vllm:inter_token_latency_seconds_count") == 10 * 2
+    assert 'model_name="tiny"' in after and 'engine="0"' in after
+    for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+        assert name in after

@@ -1,0 +1,113 @@
+"""Process-level behaviour of `python -m serving.api_server`: a full queue answers 503 quickly, SIGTERM drains
+in-flight work while refusing new work with 503 and exits 0, a second SIGTERM exits at once, and a model that
+cannot load makes the process exit 1 instead of serving 503 forever."""
+
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from server_harness import TINY_MODEL, ServerProcess, metric, sse_events
+
+LONG_STREAM = {"model": "tiny", "prompt": "keep going", "stream": True, "temperature": 0, "ignore_eos": True}
+
+
+def open_stream(url: str, max_tokens: int, first_event: threading.Event, out: dict) -> threading.Thread:
+    def run():
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM | {"max_tokens": max_tokens},
+                              timeout=120) as r:
+                out["status"] = r.status_code
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    first_event.set()
+                out["events"] = sse_events(lines)
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+        finally:
+            first_event.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    proc = ServerProcess("--model", TINY_MODEL, "--served-model-name", "tiny", "--max-model-len", "256",
+                         "--max-num-seqs", "2", "--max-num-queued-reqs", "1", "--shutdown-timeout", "60")
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+
+
+def test_a_full_queue_answers_503_quickly(small_server):
+    url = small_server.url
+    streams = []
+    for i in range(3):  # 2 running + 1 queued fill the server
+        first, out = threading.Event(), {}
+        streams.append((open_stream(url, 250, first, out), first, out))
+        if i < 2:
+            assert first.wait(60)
+    deadline = time.monotonic() + 30
+    while metric(httpx.get(f"{url}/metrics").text, "vllm:num_requests_waiting") < 1:
+        assert time.monotonic() < deadline, "the third request never queued"
+        time.sleep(0.01)
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "one more", "max_tokens": 2})
+    assert time.monotonic() - started < 1.0
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "server_overloaded"
+    for thread, _, out in streams:
+        thread.join(120)
+        assert out["events"][-1] == "[DONE]"
+    assert httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "now", "max_tokens": 2}).status_code \
+        == 200
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(small_server):
+    url = small_server.url
+    first, out = threading.Event(), {}
+    thread = open_stream(url, 120, first, out)
+    assert first.wait(60)
+    small_server.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/health").status_code != 503 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert httpx.get(f"{url}/health").status_code == 503
+    refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "late", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+    assert refused.headers["retry-after"]
+    thread.join(120)
+    finishes = [c["finish_reason"] for e in out["events"][:-1] for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["length"] and out["events"][-1] == "[DONE]"
+    assert small_server.proc.wait(60) == 0
+
+
+def test_second_sigterm_exits_without_waiting():
+    proc = ServerProcess("--model", TINY_MODEL, "--max-model-len", "256", "--shutdown-timeout", "600")
+    try:
+        url = proc.wait_ready()
+        first, out = threading.Event(), {}
+        thread = open_stream(url, 250, first, out)
+        assert first.wait(60)
+        proc.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.proc.poll() is None, "the first SIGTERM must wait for the in-flight stream"
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.proc.wait(15) == 0
+        assert time.monotonic() - started < 15
+        thread.join(30)
+    finally:
+        proc.stop()
+
+
+def test_a_model_that_cannot_load_exits_1():
+    proc = ServerProcess("--model", "/nonexistent/model-dir")
+    try:
+        assert proc.proc.wait(120) == 1
+        assert "engine failed to start" in proc.log()
+    finally:
+        proc.stop()
