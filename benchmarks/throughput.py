@@ -54,6 +54,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--skip-tokenizer-init", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
@@ -61,7 +62,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager, seed=args.seed)
+              kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager, seed=args.seed,
+              skip_tokenizer_init=args.skip_tokenizer_init)
     startup = time.perf_counter() - start
     prompts, params = make_requests(args, llm.llm_engine.model_config.vocab_size)
     warmup = min(len(prompts), args.max_num_seqs)

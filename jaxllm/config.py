@@ -38,6 +38,7 @@ class EngineConfig:
     max_logprobs: int = 20
     max_num_queued_reqs: int | None = None
     served_model_name: str | None = None
+    skip_tokenizer_init: bool = False  # token ids in and out, no text (benchmarks on config-only dummy models)
 
     def __post_init__(self):
         _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")

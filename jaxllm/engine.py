@@ -64,7 +64,7 @@ class LLMEngine:
         self.config = config
         model_path = config.model or default_model_path()
         self.model_name = config.served_model_name or (config.model or default_model_name())
-        self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer.from_pretrained(config.tokenizer or model_path)
         self.runner = ModelRunner(config, model_path, **({"progress": progress} if progress else {}))
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.kv_plan.max_model_len
@@ -75,6 +75,8 @@ class LLMEngine:
                                    max_num_batched_tokens=self.runner.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else
+                                       self.model_config.eos_token_ids)
         self._request_counter = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -85,6 +87,9 @@ class LLMEngine:
         """Tokenize and validate; raises ValueError (or its ContextLengthExceededError) naming the problem."""
         params = SamplingParams() if params is None else params
         text = None
+        if isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt):
+            if self.tokenizer is None:
+                raise ValueError("this engine was started with skip_tokenizer_init: give prompt_token_ids")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -105,7 +110,7 @@ class LLMEngine:
         self.add_processed_request(self.process_request(request_id, prompt, params, **kwargs))
 
     def add_processed_request(self, request: ProcessedRequest) -> None:
-        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else None
+        eos = min(self.eos_token_ids) if self.eos_token_ids else None
         group = SequenceGroup(request.request_id, request.prompt_token_ids, request.params,
                               arrival_time=request.arrival_time, eos_token_id=eos, cache_salt=request.cache_salt,
                               prompt=request.prompt)
@@ -162,7 +167,7 @@ class LLMEngine:
             return SamplingRow(_PADDING_ROW_PARAMS, (), (), seed=0)
         return SamplingRow(seq.group.params, seq.prompt_token_ids, seq.output_token_ids, seed=seq.group.seed,
                            sample_index=seq.sample_index, position=s.seq_len,
-                           eos_token_ids=() if seq.group.params.ignore_eos else tuple(self.tokenizer.eos_token_ids))
+                           eos_token_ids=() if seq.group.params.ignore_eos else tuple(self.eos_token_ids))
 
     def _process_outputs(self, batch: SchedulerOutput, sampled) -> list[RequestOutput]:
         now = time.time()

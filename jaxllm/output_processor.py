@@ -25,7 +25,7 @@ class _SampleText:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer | None):
         self.tokenizer = tokenizer
         self._samples: dict[tuple[str, int], _SampleText] = {}
 
@@ -34,7 +34,8 @@ class OutputProcessor:
         state = self._samples.get(key)
         if state is None:
             params = seq.group.params
-            detok = DetokenizerState.start(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+            detok = (DetokenizerState() if self.tokenizer is None else
+                     DetokenizerState.start(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens))
             state = self._samples[key] = _SampleText(detok, logprobs=[] if params.logprobs is not None else None)
         return state
 
@@ -47,7 +48,10 @@ class OutputProcessor:
         if logprobs is not None:
             state.cumulative_logprob += logprobs[token_id]
             if state.logprobs is not None:
-                state.logprobs.append({t: Logprob(lp, ranks.get(t), self._token_text(t)) for t, lp in logprobs.items()})
+                state.logprobs.append({t: Logprob(lp, ranks.get(t), self._token_text(t))
+                                       for t, lp in logprobs.items()})
+        if self.tokenizer is None:  # skip_tokenizer_init: token ids only
+            return None
         state.detok, delta = detokenize_step(self.tokenizer, state.detok, [token_id],
                                              skip_special_tokens=params.skip_special_tokens,
                                              finished=seq.is_finished)
@@ -65,8 +69,8 @@ class OutputProcessor:
         state.stop_matched = matched is not None
         return matched
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def _token_text(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def request_output(self, group: SequenceGroup) -> RequestOutput:
         outputs = []

@@ -46,8 +46,8 @@ class FakeRunner:
 
 
 def make_sched(num_blocks=64, num_cpu_blocks=0, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
-               prefix_caching=True, preemption_mode=None):
-    bm = BlockManager(num_blocks, BS, num_cpu_blocks, enable_prefix_caching=prefix_caching)
+               prefix_caching=True, preemption_mode=None, block_size=BS):
+    bm = BlockManager(num_blocks, block_size, num_cpu_blocks, enable_prefix_caching=prefix_caching)
     return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                      max_model_len=max_model_len, preemption_mode=preemption_mode)
 
@@ -377,6 +377,16 @@ def test_stop_conditions_on_token_ids(params, tokens, expected):
     assert_all_blocks_back(sched)
 
 
+def test_every_eos_id_stops():
+    sched = make_sched()
+    groups = [SequenceGroup(f"r{t}", [1, 2], SamplingParams(max_tokens=5), eos_token_id=[EOS, 9]) for t in (EOS, 9)]
+    for group in groups:
+        sched.add(group)
+    out = sched.schedule()
+    sched.update(out, [EOS, 9])
+    assert [(g.seqs[0].finish_reason, g.seqs[0].stop_reason) for g in groups] == [("stop", None)] * 2
+
+
 def test_finish_from_a_stop_string_frees_the_sequence():
     sched = make_sched()
     group = req("a", prompt_len=3, max_tokens=10)
@@ -410,8 +420,10 @@ def test_waiting_queue_is_first_come_first_served():
 @pytest.mark.parametrize("seed", range(40))
 def test_randomized_stress_keeps_every_invariant(seed):
     rng = random.Random(seed)
-    num_cpu = rng.choice([0, 6, 40])
-    sched = make_sched(num_blocks=rng.choice([10, 16, 30]), num_cpu_blocks=num_cpu,
+    block_size = rng.choice([1, 2, 4, 4, 8])
+    scale = 4 // min(block_size, 4)  # a comparable pool in tokens
+    sched = make_sched(num_blocks=rng.choice([10, 16, 30]) * scale, num_cpu_blocks=rng.choice([0, 6, 40]) * scale,
+                       block_size=block_size,
                        max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 40]),
                        max_model_len=40, prefix_caching=rng.random() < 0.7,
                        preemption_mode=rng.choice([None, "recompute"]))

@@ -54,7 +54,7 @@ def test_the_right_key_opens_guarded_routes(url):
 
 
 @pytest.mark.parametrize("header", [API_KEY, f"Basic {API_KEY}", f"Bearer {API_KEY}x", f"Bearer {API_KEY[:-1]}",
-                                    "Bearer ", f"Token {API_KEY}"])
+                                    "Bearer", f"Token {API_KEY}", f"Bearer  {API_KEY}"])
 def test_near_miss_keys_are_refused(url, header):
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"}, headers={"Authorization": header})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -176,7 +176,7 @@ class Scheduler:
         if seq.num_output_tokens < params.min_tokens:
             return None
         last = seq.token_ids[-1]
-        if not params.ignore_eos and last == group.eos_token_id:
+        if not params.ignore_eos and last in group.eos_token_ids:
             return SequenceStatus.FINISHED_STOPPED, None
         if last in params.stop_token_ids:
             return SequenceStatus.FINISHED_STOPPED, last

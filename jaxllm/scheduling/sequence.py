@@ -10,6 +10,7 @@ so a group never needs more blocks after a preemption than before it.
 
 import enum
 import time
+from collections.abc import Iterable
 
 from jaxllm.outputs import RequestMetrics
 from jaxllm.sampling_params import SamplingParams
@@ -119,18 +120,21 @@ class Sequence:
 class SequenceGroup:
     """One request: its prompt, SamplingParams and sequences (one until the n > 1 fork, then n).
 
-    eos_token_id stops a sequence unless ignore_eos; cache_salt keeps this request's prefix-cache blocks apart from
-    requests with another salt (multi-tenant isolation). max_tokens and arrival_index are set by Scheduler.add.
+    eos_token_id (one id or several, e.g. Llama 3's <|end_of_text|> and <|eot_id|>) stops a sequence unless
+    ignore_eos, with stop_reason None; cache_salt keeps this request's prefix-cache blocks apart from requests with
+    another salt (multi-tenant isolation). max_tokens and arrival_index are set by Scheduler.add.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                 arrival_time: float | None = None, eos_token_id: int | None = None,
+                 arrival_time: float | None = None, eos_token_id: int | Iterable[int] | None = None,
                  cache_salt: str | None = None, prompt: str | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
-        self.eos_token_id = eos_token_id
+        if eos_token_id is None or isinstance(eos_token_id, int):
+            eos_token_id = () if eos_token_id is None else (eos_token_id,)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_id)
         self.cache_salt = cache_salt
         self.metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time)
         self.pending_fork = params.n > 1

@@ -1,0 +1,95 @@
+"""Latency, as `vllm bench latency`, plus the decode-step and TTFT figures of BENCHMARKS.md, each against the roofline
+computed from this card's copy bandwidth and matmul rate measured in the same run.
+
+    python -m benchmarks.latency --model benchmarks/configs/llama-3.1-8b --load-format dummy
+
+L1: batch-1 decode ms/token at 32 / 1024 / 8192 context. S1: decode step time at batch 1 / 64 / 256 with 1k context.
+TTFT: one 1024-token prompt on an idle engine. Prompts are random token ids; ignore_eos; warm-up excluded.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import roofline
+from jaxllm import EngineConfig, LLMEngine, SamplingParams
+
+
+def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int, seed: int = 0) -> dict:
+    """Submit `batch` requests of `context` prompt tokens; time the prefill and the steady decode steps."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    ids = [f"b{batch}c{context}s{seed}r{i}" for i in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True)
+    start = time.perf_counter()
+    for request_id in ids:
+        engine.add_request(request_id, {"prompt_token_ids": rng.integers(10, vocab - 10, context).tolist()}, params)
+    first_tokens, decode_times = 0, []
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - step_start
+        if first_tokens == batch:
+            decode_times.append(elapsed)
+        first_tokens += sum(1 for o in outputs if len(o.outputs[0].token_ids) == 1)
+        if first_tokens == batch and not decode_times:
+            ttft = time.perf_counter() - start
+    return {"batch": batch, "context": context, "ttft_s": ttft,
+            "decode_step_s": float(np.median(decode_times)) if decode_times else None}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--cases", default="1x32,1x1024,1x8192,64x1024,256x1024", help="batch x context, ...")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args(argv)
+
+    bandwidth, flops = roofline.copy_bandwidth(), roofline.matmul_rate()
+    print(f"card: {roofline.device_name()}  copy bandwidth {bandwidth / 1e12:.2f} TB/s  bf16 matmul "
+          f"{flops / 1e12:.0f} TFLOP/s")
+    start = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                                    enforce_eager=True, skip_tokenizer_init=True, max_model_len=16384,
+                                    max_num_batched_tokens=args.max_num_batched_tokens,
+                                    attention_backend=args.attention_backend))
+    print(f"start-up (load + KV allocation, no compile): {time.perf_counter() - start:.1f} s")
+    mc = engine.model_config
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.runner.params))
+    kv_bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2
+    flops_per_token = 2 * weight_bytes / 2  # one multiply-add per bf16 weight
+    rows = []
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    for batch, context in cases:
+        run_batch(engine, batch=batch, context=context, decode_steps=4, seed=1)  # compile and warm up these shapes
+        r = run_batch(engine, batch=batch, context=context, decode_steps=args.decode_steps)
+        floor = (weight_bytes + batch * context * kv_bytes_per_token) / bandwidth
+        r["decode_roofline_s"] = floor
+        r["decode_ratio"] = r["decode_step_s"] / floor
+        if batch == 1:
+            r["ttft_roofline_s"] = context * flops_per_token / flops
+            r["ttft_ratio"] = r["ttft_s"] / r["ttft_roofline_s"]
+        rows.append(r)
+        print(f"batch {batch:4d} ctx {context:5d}: decode step {r['decode_step_s'] * 1e3:7.2f} ms "
+              f"(roofline {floor * 1e3:6.2f} ms, x{r['decode_ratio']:.2f})  TTFT {r['ttft_s'] * 1e3:8.1f} ms"
+              + (f" (FLOP roofline {r['ttft_roofline_s'] * 1e3:.1f} ms, x{r['ttft_ratio']:.2f})" if batch == 1
+                 else ""), flush=True)
+    result = {"card": roofline.device_name(), "copy_bandwidth": bandwidth, "matmul_rate": flops,
+              "weight_bytes": weight_bytes, "rows": rows}
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    engine.close()
+    return result
+
+
+if __name__ == "__main__":
+    main()
