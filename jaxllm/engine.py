@@ -110,10 +110,9 @@ class LLMEngine:
         self.add_processed_request(self.process_request(request_id, prompt, params, **kwargs))
 
     def add_processed_request(self, request: ProcessedRequest) -> None:
-        eos = min(self.eos_token_ids) if self.eos_token_ids else None
         group = SequenceGroup(request.request_id, request.prompt_token_ids, request.params,
-                              arrival_time=request.arrival_time, eos_token_id=eos, cache_salt=request.cache_salt,
-                              prompt=request.prompt)
+                              arrival_time=request.arrival_time, eos_token_id=tuple(self.eos_token_ids),
+                              cache_salt=request.cache_salt, prompt=request.prompt)
         group.seed = self._seed_for(request.params)
         self.scheduler.add(group)
 

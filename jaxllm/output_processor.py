@@ -81,7 +81,7 @@ class OutputProcessor:
                 cumulative_logprob=state.cumulative_logprob if state.logprobs is not None else None,
                 logprobs=list(state.logprobs) if state.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        finished = group.is_finished() and not group.pending_fork
+        finished = group.is_finished()
         if finished:
             self.forget(group.request_id, len(group.seqs))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,

@@ -35,7 +35,7 @@ class APIKeyMiddleware:
         scheme, _, token = header.partition(b" ")
         ok_scheme = scheme.lower() == b"bearer"
         # Compare even when the scheme is wrong, so the branch taken does not depend on the key.
-        ok_token = hmac.compare_digest(_digest(token.strip()), self._expected)
+        ok_token = hmac.compare_digest(_digest(token), self._expected)
         return ok_scheme and ok_token
 
     async def __call__(self, scope, receive, send):

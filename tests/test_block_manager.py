@@ -247,5 +247,5 @@ def test_free_of_a_swapped_sequence_returns_cpu_blocks():
 
 @pytest.mark.parametrize("num_blocks", [1, 0])
 def test_rejects_a_pool_without_usable_blocks(num_blocks):
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="at least 2 blocks"):
         BlockManager(num_blocks=num_blocks, block_size=BS)

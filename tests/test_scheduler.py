@@ -423,13 +423,12 @@ def test_randomized_stress_keeps_every_invariant(seed):
     block_size = rng.choice([1, 2, 4, 4, 8])
     scale = 4 // min(block_size, 4)  # a comparable pool in tokens
     sched = make_sched(num_blocks=rng.choice([10, 16, 30]) * scale, num_cpu_blocks=rng.choice([0, 6, 40]) * scale,
-                       block_size=block_size,
-                       max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 40]),
-                       max_model_len=40, prefix_caching=rng.random() < 0.7,
-                       preemption_mode=rng.choice([None, "recompute"]))
+                       block_size=block_size, max_num_seqs=rng.choice([2, 4, 8]),
+                       max_num_batched_tokens=rng.choice([8, 16, 40]), max_model_len=40,
+                       prefix_caching=rng.random() < 0.7, preemption_mode=rng.choice([None, "recompute"]))
     bm, runner = sched.block_manager, FakeRunner(sched.block_manager)
     prefixes = [[rng.randrange(1, 50) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
-    added, aborted, finished, steps = set(), set(), set(), 0
+    added, aborted, finished = set(), set(), set()
 
     def live_ids():
         return sched.request_ids()
@@ -450,7 +449,6 @@ def test_randomized_stress_keeps_every_invariant(seed):
             assert sched.abort(rid) is not None
             aborted.add(rid)
         out = sched.schedule()
-        steps += 1
         runner.execute(out)
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
         assert out.num_seqs <= sched.max_num_seqs

@@ -36,8 +36,9 @@ def open_stream(url: str, max_tokens: int, first_event: threading.Event, out: di
 
 @pytest.fixture(scope="module")
 def small_server():
-    proc = ServerProcess("--model", TINY_MODEL, "--served-model-name", "tiny", "--max-model-len", "256",
-                         "--max-num-seqs", "2", "--max-num-queued-reqs", "1", "--shutdown-timeout", "60")
+    proc = ServerProcess("--model", TINY_MODEL, "--served-model-name", "tiny", "--max-model-len", "2048",
+                         "--max-num-seqs", "2", "--max-num-queued-reqs", "1", "--shutdown-timeout", "60",
+                         "--kv-cache-memory-bytes", "32M")
     proc.wait_ready()
     yield proc
     proc.stop()
@@ -48,7 +49,7 @@ def test_a_full_queue_answers_503_quickly(small_server):
     streams = []
     for i in range(3):  # 2 running + 1 queued fill the server
         first, out = threading.Event(), {}
-        streams.append((open_stream(url, 250, first, out), first, out))
+        streams.append((open_stream(url, 600, first, out), first, out))
         if i < 2:
             assert first.wait(60)
     deadline = time.monotonic() + 30
@@ -69,7 +70,7 @@ def test_a_full_queue_answers_503_quickly(small_server):
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(small_server):
     url = small_server.url
     first, out = threading.Event(), {}
-    thread = open_stream(url, 120, first, out)
+    thread = open_stream(url, 1000, first, out)  # long enough to still run when the checks below happen
     assert first.wait(60)
     small_server.signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -86,11 +87,12 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(small_se
 
 
 def test_second_sigterm_exits_without_waiting():
-    proc = ServerProcess("--model", TINY_MODEL, "--max-model-len", "256", "--shutdown-timeout", "600")
+    proc = ServerProcess("--model", TINY_MODEL, "--max-model-len", "2048", "--shutdown-timeout", "600",
+                         "--kv-cache-memory-bytes", "32M")
     try:
         url = proc.wait_ready()
         first, out = threading.Event(), {}
-        thread = open_stream(url, 250, first, out)
+        thread = open_stream(url, 2000, first, out)  # several seconds of decoding
         assert first.wait(60)
         proc.signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -100,6 +102,8 @@ def test_second_sigterm_exits_without_waiting():
         assert proc.proc.wait(15) == 0
         assert time.monotonic() - started < 15
         thread.join(30)
+        finishes = [c["finish_reason"] for e in out.get("events", [])[:-1] for c in e["choices"] if c["finish_reason"]]
+        assert finishes in ([], ["abort"]), "the stream must not have run to its end"
     finally:
         proc.stop()
 

@@ -44,7 +44,4 @@ def name_regex(pattern: str) -> re.Pattern:
 def dotted(keypath) -> str:
     """A jax tree keypath -> the dotted param path the rules use: (DictKey('layers'), SequenceKey(3), ...) ->
     "layers.3.q_proj"."""
-    parts = []
-    for key in keypath:
-        parts.append(str(getattr(key, "key", getattr(key, "idx", key))))
-    return ".".join(parts)
+    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in keypath)

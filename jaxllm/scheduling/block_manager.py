@@ -30,7 +30,10 @@ def cdiv(a: int, b: int) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, enable_prefix_caching: bool = True):
-        assert num_blocks >= 2 and block_size >= 1 and num_cpu_blocks >= 0
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks (block 0 is reserved), got {num_blocks}.")
+        if block_size < 1 or num_cpu_blocks < 0:
+            raise ValueError(f"block_size must be >= 1 and num_cpu_blocks >= 0, got {block_size}, {num_cpu_blocks}.")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks

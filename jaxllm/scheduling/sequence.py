@@ -130,7 +130,7 @@ class SequenceGroup:
                  cache_salt: str | None = None, prompt: str | None = None):
         self.request_id = request_id
         self.prompt = prompt
-        self.prompt_token_ids = list(prompt_token_ids)
+        self.prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy ints would change the prefix hashes
         self.params = params
         if eos_token_id is None or isinstance(eos_token_id, int):
             eos_token_id = () if eos_token_id is None else (eos_token_id,)

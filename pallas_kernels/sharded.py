@@ -1,0 +1,63 @@
+"""The paged-attention entries under tensor parallelism: each device of the mesh's "tp" axis runs the unsharded
+entry on its own slice of heads. Attention never mixes heads, so no collective is needed.
+
+Legend: T tokens, S sequences, N q-heads, K kv-heads, H head_dim, P pages, B tokens per page, M pages per sequence.
+Layouts: q [T, N, H] and the output split over N; pages [K, P, B, H] and new k/v [T, K, H] split over K; the
+metadata (block tables, lengths, query starts, slots) replicated. The q-heads of kv-head k are k*G .. k*G + G - 1,
+so splitting N and K into the same number of contiguous parts keeps every group on the device of its kv-head.
+"""
+
+import functools
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+
+
+def _check_heads(mesh: Mesh, axis: str, num_kv_heads: int) -> None:
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r}; its axes are {tuple(mesh.shape)}")
+    if num_kv_heads % mesh.shape[axis]:
+        raise ValueError(f"kv heads ({num_kv_heads}) must be a multiple of the {axis!r} axis size "
+                         f"({mesh.shape[axis]})")
+
+
+def ragged_paged_attention_sharded(
+    q: jax.Array,  # [T, N, H], N split over axis
+    k_pages: jax.Array,  # [K, P, B, H], K split over axis
+    v_pages: jax.Array,  # [K, P, B, H], K split over axis
+    block_tables: jax.Array,  # i32[S, M]
+    seq_lens: jax.Array,  # i32[S]
+    query_start_loc: jax.Array,  # i32[S + 1]
+    *,
+    mesh: Mesh,
+    axis: str = "tp",
+    **knobs,
+) -> jax.Array:  # [T, N, H], N split over axis
+    """ragged_paged_attention (same keyword knobs) with the heads split over mesh axis `axis`."""
+    _check_heads(mesh, axis, k_pages.shape[0])
+    heads, pages, replicated = P(None, axis, None), P(axis, None, None, None), P()
+    return jax.shard_map(
+        functools.partial(ragged_paged_attention, **knobs), mesh=mesh,
+        in_specs=(heads, pages, pages, replicated, replicated, replicated), out_specs=heads,
+        check_vma=False,  # a pallas_call carries no varying-axis annotation
+    )(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc)
+
+
+def write_kv_sharded(
+    k_pages: jax.Array,  # [K, P, B, H], K split over axis
+    v_pages: jax.Array,  # [K, P, B, H], K split over axis
+    k: jax.Array,  # [T, K, H], K split over axis
+    v: jax.Array,  # [T, K, H], K split over axis
+    slot_mapping: jax.Array,  # i32[T]
+    *,
+    mesh: Mesh,
+    axis: str = "tp",
+) -> tuple[jax.Array, jax.Array]:
+    """write_kv with the kv heads split over mesh axis `axis`; in place when the caller donates the pages."""
+    _check_heads(mesh, axis, k_pages.shape[0])
+    pages, new = P(axis, None, None, None), P(None, axis, None)
+    return jax.shard_map(write_kv, mesh=mesh, in_specs=(pages, pages, new, new, P()), out_specs=(pages, pages))(
+        k_pages, v_pages, k, v, slot_mapping)
