@@ -5,6 +5,8 @@ Legend: T tokens, S sequences, N q-heads, K kv-heads, H head_dim, P pages, B tok
 Layouts: q [T, N, H] and the output split over N; pages [K, P, B, H] and new k/v [T, K, H] split over K; the
 metadata (block tables, lengths, query starts, slots) replicated. The q-heads of kv-head k are k*G .. k*G + G - 1,
 so splitting N and K into the same number of contiguous parts keeps every group on the device of its kv-head.
+The arrays must already carry these shardings (jax.device_put with a NamedSharding of the mesh, or the outputs of
+a step sharded the same way): with Explicit mesh axes, shard_map does not reshard its inputs.
 """
 
 import functools

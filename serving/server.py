@@ -9,8 +9,6 @@ rather than a server that is 503 forever.
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import socket
 import sys
 
@@ -62,10 +60,12 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     def _exit_now(self) -> None:
-        self.host.draining = True
-        asyncio.ensure_future(self.host.abort_all())
-        self.force_exit = True
-        self.should_exit = True
+        async def abort_then_exit():
+            self.host.draining = True
+            await self.host.abort_all()  # streams end at once with finish_reason "abort"
+            self.should_exit = True
+
+        asyncio.ensure_future(abort_then_exit())
 
     def fail(self, exc: BaseException) -> None:
         self.exit_code = 1
@@ -131,10 +131,6 @@ def run(args: argparse.Namespace) -> int:
     server = _DrainingServer(uv_config, host, args.shutdown_timeout)
     # Printed before the model loads, so a supervisor (or a test) can poll /health, which is 503 until ready.
     logger.info("listening on http://%s:%d (model loading; /health is 503 until ready)", bound_host, bound_port)
-    # uvicorn puts these back when serve() returns: a signal during the final teardown then exits at once,
-    # with the code the shutdown earned, instead of dying by the signal's default action.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: os._exit(server.exit_code))
     server.run(sockets=[sock])
     logger.info("server stopped (exit code %d)", server.exit_code)
     return server.exit_code

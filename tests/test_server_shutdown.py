@@ -71,7 +71,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(small_se
     url = small_server.url
     first, out = threading.Event(), {}
     thread = open_stream(url, 1000, first, out)  # long enough to still run when the checks below happen
-    assert first.wait(60)
+    assert first.wait(60) and out.get("status") == 200
     small_server.signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while httpx.get(f"{url}/health").status_code != 503 and time.monotonic() < deadline:
@@ -86,20 +86,22 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(small_se
     assert small_server.proc.wait(60) == 0
 
 
-def test_second_sigterm_exits_without_waiting():
-    proc = ServerProcess("--model", TINY_MODEL, "--max-model-len", "2048", "--shutdown-timeout", "600",
-                         "--kv-cache-memory-bytes", "32M")
+@pytest.mark.parametrize("shutdown_timeout, signals", [("600", 2), ("0", 1)], ids=["second-sigterm", "timeout-0"])
+def test_a_second_sigterm_or_timeout_0_exits_without_waiting(shutdown_timeout, signals):
+    proc = ServerProcess("--model", TINY_MODEL, "--served-model-name", "tiny", "--max-model-len", "2048",
+                         "--shutdown-timeout", shutdown_timeout, "--kv-cache-memory-bytes", "32M")
     try:
         url = proc.wait_ready()
         first, out = threading.Event(), {}
         thread = open_stream(url, 2000, first, out)  # several seconds of decoding
-        assert first.wait(60)
-        proc.signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert proc.proc.poll() is None, "the first SIGTERM must wait for the in-flight stream"
+        assert first.wait(60) and out.get("status") == 200
+        if signals == 2:
+            proc.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.proc.poll() is None, "the first SIGTERM must wait for the in-flight stream"
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
-        assert proc.proc.wait(15) == 0
+        assert proc.proc.wait(15) == 0, proc.log()[-3000:]
         assert time.monotonic() - started < 15
         thread.join(30)
         finishes = [c["finish_reason"] for e in out.get("events", [])[:-1] for c in e["choices"] if c["finish_reason"]]

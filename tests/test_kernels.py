@@ -1,0 +1,154 @@
+"""The Pallas attention kernels in the CPU interpreter against the jnp reference, and the entry's contract.
+
+The interpreter starts every output as NaN (test_interpreter_poisons_outputs checks that), so an element a kernel
+forgets to write fails the comparison. Sizes are small and tile sizes smaller than the defaults, so multi-tile
+loops, partial tiles and several programs per sequence are exercised within CI time.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from pallas_kernels import attention_tile, backend
+from pallas_kernels.backend import resolve_backend
+from pallas_kernels.decode_attention import DecodeConfig
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
+from pallas_kernels.ragged_batch import RaggedBatch, make_ragged_batch
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+
+
+def _compare(batch: RaggedBatch, out: jax.Array, ref: jax.Array, tol: float = 2e-5) -> None:
+    real = batch.num_real_tokens
+    out, ref = np.asarray(out), np.asarray(ref)
+    assert np.isfinite(out).all(), "an output element is NaN: unwritten or poisoned"
+    np.testing.assert_allclose(out[:real], ref[:real], atol=tol, rtol=tol)
+    assert (out[real:] == 0).all(), "padding tokens must get a zero output"
+
+
+def _run(batch, *, decode_only, scale, window, cap, **configs):
+    knobs = dict(scale=scale, sliding_window=window, soft_cap=cap)
+    ref = ragged_paged_attention(*batch.args, **knobs, backend="reference")
+    out = ragged_paged_attention(*batch.args, **knobs, decode_only=decode_only, backend="triton", interpret=True,
+                                 **configs)
+    return out, ref
+
+
+RAGGED_CASES = [
+    # q_lens, ctx_lens (not multiples of the page), N, K, H, B, window, soft_cap, config
+    ([1, 3, 16, 17], [37, 3, 50, 17], 8, 8, 64, 16, None, None, RaggedConfig(block_rows=16, block_k=16)),
+    ([255, 1, 3], [300, 45, 20], 16, 4, 128, 16, 40, None, RaggedConfig(block_rows=32, block_k=32)),
+    ([17, 513], [70, 530], 16, 2, 64, 32, None, 20.0, RaggedConfig()),
+    ([16, 1, 1], [16, 100, 33], 8, 4, 128, 16, 8, 30.0, RaggedConfig(block_rows=16, block_k=16)),
+    ([3, 17, 1], [20, 40, 7], 9, 3, 80, 16, None, None, RaggedConfig()),  # SmolLM2: G = 3, head_dim 80
+]
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens,n,k,h,b,window,cap,config", RAGGED_CASES)
+def test_ragged_kernel_matches_reference(q_lens, ctx_lens, n, k, h, b, window, cap, config):
+    batch = make_ragged_batch(q_lens, ctx_lens, num_q_heads=n, num_kv_heads=k, head_dim=h, page_size=b,
+                              pad_tokens=3, pad_seqs=1, seed=len(q_lens) + h)
+    out, ref = _run(batch, decode_only=False, scale=h ** -0.5, window=window, cap=cap, ragged_config=config)
+    _compare(batch, out, ref)
+
+
+def _reorder(batch: RaggedBatch, order: list[int]) -> RaggedBatch:
+    """The same sequences in another order (tokens follow their sequences): puts padding sequences mid-batch."""
+    q_lens = np.diff(np.asarray(batch.query_start_loc))[order]
+    starts = np.asarray(batch.query_start_loc)[:-1][order]
+    token_order = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, q_lens)]).astype(int)
+    token_order = np.concatenate([token_order, np.arange(len(token_order), batch.q.shape[0])])
+    return dataclasses.replace(
+        batch, q=batch.q[token_order], block_tables=batch.block_tables[np.array(order)],
+        seq_lens=batch.seq_lens[np.array(order)],
+        query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32))
+
+
+DECODE_CASES = [
+    # ctx_lens, N, K, H, B, window, soft_cap, config
+    ([1, 17, 100, 33], 8, 8, 64, 16, None, None, DecodeConfig(block_k=16, num_splits=1)),
+    ([5, 250, 63], 16, 2, 128, 32, 50, 30.0, DecodeConfig(block_k=16, num_splits=3)),
+    ([20, 7, 300], 9, 3, 80, 16, None, None, DecodeConfig(block_k=32, num_splits=None, target_programs=8)),
+]
+
+
+@pytest.mark.parametrize("ctx_lens,n,k,h,b,window,cap,config", DECODE_CASES)
+def test_decode_kernel_matches_reference(ctx_lens, n, k, h, b, window, cap, config):
+    real = len(ctx_lens)
+    batch = make_ragged_batch([1] * real, ctx_lens, num_q_heads=n, num_kv_heads=k, head_dim=h, page_size=b,
+                              pad_tokens=2, pad_seqs=2, seed=real + h)
+    batch = _reorder(batch, [0, real, *range(1, real), real + 1])  # a padding sequence second
+    out, ref = _run(batch, decode_only=True, scale=h ** -0.5, window=window, cap=cap, decode_config=config)
+    _compare(batch, out, ref)
+
+
+def test_interpreter_poisons_outputs():
+    """The premise of the tests above: an output the kernel never writes reads NaN in the interpreter."""
+
+    def kernel(x_ref, o_ref):
+        o_ref[0] = x_ref[0]
+
+    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((2, 16), jnp.float32), interpret=True)(
+        jnp.ones((2, 16), jnp.float32))
+    assert (np.asarray(out[0]) == 1).all() and np.isnan(np.asarray(out[1])).all()
+
+
+def test_auto_backend_picks_from_the_device():
+    cpu = jax.devices("cpu")[0]
+    gpu = dataclasses.make_dataclass("FakeGpu", [("platform", str)])("gpu")
+    assert resolve_backend("auto", gpu) == backend.TRITON
+    assert resolve_backend("auto", cpu) == backend.XLA
+    assert resolve_backend("auto") == backend.XLA  # this machine's first device is a CPU
+    assert resolve_backend("reference", gpu) == backend.REFERENCE
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("mosaic")
+    batch = make_ragged_batch([2, 1], [5, 9], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16)
+    auto = ragged_paged_attention(*batch.args, scale=0.125)
+    ref = ragged_paged_attention(*batch.args, scale=0.125, backend="reference")
+    np.testing.assert_allclose(np.asarray(auto), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def test_entry_rejects_bad_inputs():
+    batch = make_ragged_batch([2, 1], [5, 9], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16)
+    q, k, v, tables, lens, qsl = batch.args
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        ragged_paged_attention(q[:, :3], k, v, tables, lens, qsl, scale=1.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        ragged_paged_attention(q[..., :32], k, v, tables, lens, qsl, scale=1.0)
+    with pytest.raises(ValueError, match="disagree on the number of sequences"):
+        ragged_paged_attention(q, k, v, tables, lens[:1], qsl, scale=1.0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        ragged_paged_attention(*batch.args, scale=1.0, sliding_window=0)
+    with pytest.raises(ValueError, match="decode_only needs one token per sequence"):
+        ragged_paged_attention(*batch.args, scale=1.0, decode_only=True, backend="triton", interpret=True)
+
+
+def test_configs_validate_and_fit():
+    with pytest.raises(ValueError, match="block_k"):
+        RaggedConfig(block_k=48)
+    with pytest.raises(ValueError, match="num_splits"):
+        DecodeConfig(num_splits=0)
+    # One program per (sequence, kv head) once the batch fills the GPU; a lone long sequence is split.
+    assert DecodeConfig().splits(64, 8, 4096) == 1
+    assert DecodeConfig().splits(1, 8, 32768) == 64
+    assert DecodeConfig().splits(1, 8, 100) == 1
+    # bf16 d = 128 keeps its tiles; fp32 and d = 256 shrink them under the shared-memory limit.
+    assert attention_tile.fit_shared_memory(128, 3, 128, 128, 2) == (128, 3)
+    assert attention_tile.fit_shared_memory(128, 3, 128, 128, 4) == (32, 3)
+    assert attention_tile.fit_shared_memory(128, 3, 128, 256, 2) == (32, 3)
+
+
+def test_write_kv_writes_only_its_slots():
+    batch = make_ragged_batch([3], [40], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16)
+    new_k = jax.random.normal(jax.random.key(1), (3, 2, 64))
+    slots = jnp.array([17, 3, 40], jnp.int32)  # page * 16 + offset, any order
+    k, v = write_kv(batch.k_pages, batch.v_pages, new_k, 2 * new_k, slots)
+    flat_k, flat_v = np.asarray(k).reshape(2, -1, 64), np.asarray(v).reshape(2, -1, 64)
+    np.testing.assert_array_equal(flat_k[:, slots], np.swapaxes(np.asarray(new_k), 0, 1))
+    np.testing.assert_array_equal(flat_v[:, slots], 2 * np.swapaxes(np.asarray(new_k), 0, 1))
+    untouched = np.setdiff1d(np.arange(flat_k.shape[1]), np.asarray(slots))
+    old = np.asarray(batch.k_pages).reshape(2, -1, 64)
+    np.testing.assert_array_equal(flat_k[:, untouched], old[:, untouched])
