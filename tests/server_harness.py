@@ -28,12 +28,12 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 class ServerProcess:
-    """`python -m serving.api_server ARGS --port 0` with its output in a temp file."""
+    """`python -m serving.api_server ARGS --port 0` (or another entry point) with its output in a temp file."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, entry: tuple[str, ...] = ("-m", "serving.api_server")):
         self.args = list(args)
         self._log = tempfile.NamedTemporaryFile("w+b", prefix="jaxllm-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.api_server", *self.args, "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, *entry, *self.args, "--port", "0"],
                                      cwd=ROOT, env=cpu_env(), stdout=self._log, stderr=subprocess.STDOUT)
         self.url = ""
 

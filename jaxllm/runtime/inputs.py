@@ -52,7 +52,7 @@ def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.nd
 
 def unpack(buffer: jax.Array, layout: BatchLayout) -> tuple[jax.Array, AttentionMetadata, jax.Array]:
     """Inside the jitted step: split the buffer back into (token_ids, metadata, logits_indices)."""
-    arrays, offset = {}, 0
+    arrays, offset = {}, 0  # the step's sections come first in the buffer; anything after them is not ours
     for name, shape in _sections(layout):
         size = int(np.prod(shape))
         arrays[name] = jax.lax.slice(buffer, (offset,), (offset + size,)).reshape(shape)

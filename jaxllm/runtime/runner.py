@@ -15,7 +15,7 @@ from jaxllm import compile_cache, sharding
 from jaxllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from jaxllm.kv_cache import KVCache
 from jaxllm.loading import load_model
-from jaxllm.runtime import block_ops, inputs, kv_sizing
+from jaxllm.runtime import block_ops, inputs, kv_sizing, transfer
 from jaxllm.runtime.buckets import BatchLayout, BucketPlan
 from jaxllm.runtime.sampler import SamplerOutput, SamplingMetadata, sample
 
@@ -43,7 +43,7 @@ class ModelRunner:
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
         self._step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,))
-        self._sample = jax.jit(sample)
+        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3))
         self.kv_plan = self._plan_kv_cache()
         logger.info(self.kv_plan.describe())
         self.kv_cache = KVCache.create(
@@ -68,6 +68,10 @@ class ModelRunner:
     def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, layout: BatchLayout):
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
         return self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
+
+    @staticmethod
+    def _sample_fn(logits: jax.Array, buffer: jax.Array, offset: int, layout: transfer.PackedLayout):
+        return sample(logits, transfer.unpack(buffer, layout, offset))
 
     def _plan_kv_cache(self) -> kv_sizing.KVPlan:
         model_max_len = self.model_config.max_position_embeddings
@@ -111,10 +115,14 @@ class ModelRunner:
         decode_only = all(len(w.token_ids) == 1 for w in work)
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
                                    all_logits=all_logits)
-        buffer = jax.device_put(inputs.pack(work, layout, self.config.block_size))
-        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, layout)
-        metadata = SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_logits, vocab_size=self.vocab_size)
-        return jax.device_get(self._sample(logits, metadata))
+        step_inputs = inputs.pack(work, layout, self.config.block_size)
+        sampling, sampling_layout = transfer.pack(
+            SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_logits, vocab_size=self.vocab_size))
+        # One transfer: the model's inputs then the sampler's. The model step gets a device-side slice so its
+        # compiled shape depends on the bucket only; the sampler unpacks its part with static offsets.
+        buffer = jax.device_put(np.concatenate([step_inputs, sampling]))
+        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer[:step_inputs.size], layout)
+        return jax.device_get(self._sample(logits, buffer, step_inputs.size, sampling_layout))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.kv_cache = block_ops.copy_blocks(self.kv_cache, pairs)

@@ -1,0 +1,54 @@
+"""One host->device transfer per step: every numpy leaf of the step's inputs packed into a single i32 buffer.
+
+Leaves are bit-cast (f32, u32 -> i32) or widened (bool -> i32) on the host and restored on the device by static
+slices, so the packed layout is part of the jit's static arguments and the device sees one contiguous copy.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Static description of a packed pytree: its structure and each leaf's shape and dtype."""
+
+    treedef: jax.tree_util.PyTreeDef
+    leaves: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype name) per leaf
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(shape)) for shape, _ in self.leaves)
+
+
+def _as_i32(leaf: np.ndarray) -> np.ndarray:
+    if leaf.dtype == np.bool_:
+        return leaf.astype(np.int32).reshape(-1)
+    assert leaf.dtype.itemsize == 4, leaf.dtype
+    return np.ascontiguousarray(leaf).view(np.int32).reshape(-1)
+
+
+def pack(tree) -> tuple[np.ndarray, PackedLayout]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    layout = PackedLayout(treedef, tuple((leaf.shape, leaf.dtype.name) for leaf in leaves))
+    return np.concatenate([_as_i32(leaf) for leaf in leaves] or [np.zeros(0, np.int32)]), layout
+
+
+def unpack(buffer: jax.Array, layout: PackedLayout, offset: int = 0):
+    """Inside jit: rebuild the pytree from `buffer[offset:offset + layout.size]`."""
+    leaves = []
+    for shape, dtype in layout.leaves:
+        size = int(np.prod(shape))
+        flat = jax.lax.slice(buffer, (offset,), (offset + size,))
+        offset += size
+        if dtype == "bool":
+            leaf = flat != 0
+        elif dtype == "int32":
+            leaf = flat
+        else:
+            leaf = jax.lax.bitcast_convert_type(flat, jnp.dtype(dtype))
+        leaves.append(leaf.reshape(shape))
+    return jax.tree_util.tree_unflatten(layout.treedef, leaves)

@@ -1,0 +1,61 @@
+"""The tensor-parallel wrappers on 4 CPU devices, in a child process: the device count must be set before jax is
+imported, and the rest of the suite has already imported it with one device."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+CHILD = r"""
+import functools
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from pallas_kernels.ragged_batch import make_ragged_batch
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from pallas_kernels.sharded import ragged_paged_attention_sharded, write_kv_sharded
+
+assert jax.device_count() == 4
+batch = make_ragged_batch([3, 17, 1], [20, 40, 7], num_q_heads=16, num_kv_heads=4, head_dim=64, page_size=16,
+                          pad_tokens=2, pad_seqs=1)
+ref = np.asarray(ragged_paged_attention(*batch.args, scale=0.125, sliding_window=16, backend="reference"))
+new_k = jax.random.normal(jax.random.key(1), (3, 4, 64))
+slots = jnp.array([5, 17, 40], jnp.int32)
+k_ref, v_ref = write_kv(batch.k_pages, batch.v_pages, new_k, 2 * new_k, slots)
+for axis_type in (AxisType.Explicit, AxisType.Auto):
+    mesh = jax.make_mesh((4,), ("tp",), axis_types=(axis_type,))
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    args = (put(batch.q, None, "tp", None), put(batch.k_pages, "tp"), put(batch.v_pages, "tp"),
+            put(batch.block_tables), put(batch.seq_lens), put(batch.query_start_loc))
+    with jax.set_mesh(mesh):
+        # The interpreted kernel once (it is slow to trace); the reference under both kinds of mesh axes.
+        backends = (("reference", False), ("triton", True)) if axis_type == AxisType.Explicit else (
+            ("reference", False),)
+        for backend, interpret in backends:
+            attend = jax.jit(functools.partial(ragged_paged_attention_sharded, mesh=mesh, scale=0.125,
+                                               sliding_window=16, backend=backend, interpret=interpret))
+            out = attend(*args)
+            assert out.sharding.spec == P(None, "tp", None), out.sharding
+            np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
+        k, v = jax.jit(functools.partial(write_kv_sharded, mesh=mesh))(
+            args[1], args[2], put(new_k, None, "tp"), put(2 * new_k, None, "tp"), put(slots))
+    assert k.sharding.spec[0] == "tp"
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(k_ref))
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref))
+mesh3 = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+batch3 = make_ragged_batch([1], [5], num_q_heads=3, num_kv_heads=3, head_dim=64, page_size=16)
+try:
+    ragged_paged_attention_sharded(*batch3.args, mesh=mesh3, scale=1.0)
+    raise AssertionError("3 kv heads over 2 devices must be refused")
+except ValueError as e:
+    assert "multiple of the 'tp' axis size" in str(e), e
+print("SHARDED OK")
+"""
+
+
+def test_sharded_attention_and_write_match_unsharded():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    child = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0 and "SHARDED OK" in child.stdout, child.stdout[-3000:] + child.stderr[-3000:]
