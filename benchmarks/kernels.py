@@ -321,8 +321,8 @@ def print_table(report):
     print(f"\n{report['device']} | copy {copy:.2f} TB/s | read {report['read_tbps']:.2f} TB/s | "
           f"bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s | "
           f"decode {report.get('decode_config')} | prefill {report.get('prefill_config')}")
-    print(f"{'decode BxC':>12} {'jaxllm us':>10} {'TB/s':>6} {'%copy':>6} {'%read':>6} {'jax us':>9} {'TB/s':>6} {'x jax':>6} "
-          f"{'xla us':>9}")
+    print(f"{'decode BxC':>12} {'jaxllm us':>10} {'TB/s':>6} {'%copy':>6} {'%read':>6} {'jax us':>9} {'TB/s':>6} "
+          f"{'x jax':>6} {'xla us':>9}")
     for key, row in report["decode"].items():
         ours, theirs, xla = (row.get(n, {}) for n in ("jaxllm", "jax_paged_attention", "xla_reference"))
         if "us" not in ours:

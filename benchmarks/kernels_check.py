@@ -32,7 +32,8 @@ def poison_free_memory(num_bytes: int = 1 << 30) -> None:
 
 
 def cases():
-    """(name, q_lens, ctx_lens, N, K, H, B, window, cap, dtype, decode_only): the issue's product, trimmed."""
+    """(name, q_lens, ctx_lens, N, K, H, B, window, cap, dtype, decode_only[, RaggedConfig]): the issue's
+    parameter product, trimmed."""
     mixed_q = [1, 3, 16, 17, 255, 513]
     mixed_ctx = [37, 100, 16, 530, 300, 1100]  # not multiples of the block size; 16 = a fresh prefill
     decode_ctx = [1, 17, 1000, 4099, 33, 250]
@@ -72,9 +73,9 @@ def run_case(case, seed):
     err = float(np.linalg.norm(out32[:real] - ref32[:real]) / np.linalg.norm(ref32[:real]))
     pad_ok = bool(np.all(out32[real:] == 0))
     ok = bool(np.isfinite(out32).all()) and err <= TOLERANCE[dtype] and pad_ok
-    return dict(name=name, config=repr(config[0]) if config else "default", q_lens=q_lens, ctx_lens=ctx_lens, heads=f"{n}/{k}", head_dim=h, block=b,
-                window=window, soft_cap=cap, dtype=dtype, decode_only=decode, rel_err=err, padding_zero=pad_ok,
-                ok=ok)
+    return dict(name=name, config=repr(config[0]) if config else "default", q_lens=q_lens, ctx_lens=ctx_lens,
+                heads=f"{n}/{k}", head_dim=h, block=b, window=window, soft_cap=cap, dtype=dtype, decode_only=decode,
+                rel_err=err, padding_zero=pad_ok, ok=ok)
 
 
 def main() -> int:

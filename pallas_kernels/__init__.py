@@ -1,9 +1,22 @@
 """Pallas GPU kernels for paged attention. Depends on jax only, never on jaxllm."""
 
+from pallas_kernels.backend import resolve_backend
+from pallas_kernels.decode_attention import DecodeConfig
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv,
 )
+from pallas_kernels.sharded import ragged_paged_attention_sharded, write_kv_sharded
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "write_kv"]
+__all__ = [
+    "DecodeConfig",
+    "RaggedConfig",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "ragged_paged_attention_sharded",
+    "resolve_backend",
+    "write_kv",
+    "write_kv_sharded",
+]

@@ -6,8 +6,9 @@ C context positions of a tile, NB query blocks.
 
 Each program takes Q consecutive new tokens of one sequence and all G q-heads of one kv-head as R rows, so every
 K/V tile it gathers serves G heads at once (GQA read once; vLLM's unified Triton attention does the same). The
-grid is (NB, K), NB a static bound on the query blocks; each sequence's tokens start a fresh block, and the
-blocks past the real ones return at once.
+grid is (NB, K), NB a static bound on the query blocks; each sequence's tokens start a fresh block, blocks after
+the real ones write zeros over the padding tokens, and the rest return at once. Only tiles that straddle the causal
+diagonal, the window's edge or the context's end pay for a mask.
 """
 
 import dataclasses
@@ -24,7 +25,8 @@ from pallas_kernels import attention_tile as tile
 
 @dataclasses.dataclass(frozen=True)
 class RaggedConfig:
-    """Tuning of the mixed prefill/decode kernel (measured on H100/H200: benchmarks/RESULTS.md)."""
+    """Tuning of the mixed prefill/decode kernel. The defaults were the fastest of the sweep at 4k causal prefill,
+    bf16, d = 128, on an H200 (benchmarks/RESULTS.md, Kernels); fit_shared_memory shrinks them for fp32/d = 256."""
 
     block_rows: int = 128  # R: query tokens x q-heads per program
     block_k: int = 128  # C: context positions per tile

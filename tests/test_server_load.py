@@ -6,15 +6,20 @@ import time
 
 import httpx
 import pytest
-from server_harness import API_KEY, MAIN_ARGS, metric, shared_server
+from server_harness import API_KEY, MAIN_ARGS, TINY_MODEL, metric, shared_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def url(request):
-    return shared_server(request, *MAIN_ARGS).url
+def server(request):
+    return shared_server(request, *MAIN_ARGS)
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server.url
 
 
 def scrape(url: str) -> str:
@@ -78,7 +83,7 @@ def test_timed_out_non_streaming_requests_are_aborted_within_2s(url):
     body = {"model": "tiny", "prompt": "Slow answer:", "max_tokens": 230, **GREEDY}
 
     async def run():
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=0.5) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=0.2) as client:
             results = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(10)),
                                            return_exceptions=True)
         assert all(isinstance(r, httpx.TimeoutException) for r in results), results
@@ -137,3 +142,48 @@ def test_counters_are_exact_after_10_requests(url):
     assert 'model_name="tiny"' in after and 'engine="0"' in after
     for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
         assert name in after
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_hundreds_of_short_requests_leave_memory_and_blocks_flat(server):
+    body = {"model": "tiny", "prompt": "short", "max_tokens": 2, **GREEDY}
+
+    async def burst(count: int):
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
+            semaphore = asyncio.Semaphore(8)
+
+            async def one(i):
+                async with semaphore:
+                    stream = i % 2 == 1
+                    r = await client.post("/v1/completions", json=body | {"stream": stream})
+                    assert r.status_code == 200
+
+            await asyncio.gather(*(one(i) for i in range(count)))
+
+    asyncio.run(burst(100))  # warm-up: allocator pools and caches settle
+    wait_idle(server.url, 2.0)
+    before = rss_bytes(server.proc.pid)
+    asyncio.run(burst(400))
+    wait_idle(server.url, 2.0)
+    assert rss_bytes(server.proc.pid) - before < 64 * 2**20
+
+
+def test_a_small_kv_pool_preempts_without_changing_greedy_text(request):
+    small = shared_server(request, "--model", TINY_MODEL, "--served-model-name", "tiny", "--max-model-len", "256",
+                          "--kv-cache-memory-bytes", "1M", "--dtype", "float32")
+    body = {"model": "tiny", "prompt": "Preempt me", "max_tokens": 120, **GREEDY}
+    expected = httpx.post(f"{small.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    before = metric(scrape(small.url), "vllm:num_preemptions_total")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=small.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(8)))
+
+    texts = [r.json()["choices"][0]["text"] for r in asyncio.run(run())]
+    assert texts == [expected] * 8
+    after = wait_idle(small.url, 2.0)
+    assert metric(after, "vllm:num_preemptions_total") > before
