@@ -15,6 +15,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.default_model import default_model_name, default_model_path
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
+from jaxllm.progress import TqdmProgress
 from jaxllm.runtime.inputs import SeqWork
 from jaxllm.runtime.runner import ModelRunner
 from jaxllm.runtime.sampling_metadata import SamplingRow
@@ -65,7 +66,7 @@ class LLMEngine:
         model_path = config.model or default_model_path()
         self.model_name = config.served_model_name or (config.model or default_model_name())
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer.from_pretrained(config.tokenizer or model_path)
-        self.runner = ModelRunner(config, model_path, **({"progress": progress} if progress else {}))
+        self.runner = ModelRunner(config, model_path, progress=progress or TqdmProgress())
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.kv_plan.max_model_len
         num_cpu_blocks = int(config.swap_space * 2**30 // self.runner.kv_plan.bytes_per_block)

@@ -90,7 +90,8 @@ class _SamplingRequest(_Request):
         """Keyword arguments for SamplingParams. Omitted max_tokens stays None, which the engine resolves to
         max_model_len - prompt length (vLLM's server default), checking the context length once, in one place."""
         kwargs = dict(n=self.n, best_of=self.best_of, max_tokens=self.requested_max_tokens(),
-                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                      include_stop_str_in_output=self.include_stop_str_in_output,
                       skip_special_tokens=self.skip_special_tokens, logprobs=self.requested_logprobs(),
                       stop=self.stop, logit_bias=self.logit_bias)
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,

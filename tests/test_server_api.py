@@ -102,7 +102,8 @@ def test_chat_uses_the_template_and_reports_logprobs(http):
     out = r.json()
     (choice,) = out["choices"]
     assert out["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
-    rendered = "<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    rendered = ("<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
+                "<|im_start|>assistant\n")
     assert out["usage"]["prompt_tokens"] == len(tokenize(http, rendered, add_special_tokens=False))
     tokenized = http.post("/tokenize", json={"messages": messages}).json()
     assert tokenized["count"] == out["usage"]["prompt_tokens"]

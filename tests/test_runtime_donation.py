@@ -1,0 +1,51 @@
+"""The KV cache is donated into every step and updated in place: never copied, on any path that writes it."""
+
+import numpy as np
+import pytest
+
+from jaxllm import EngineConfig, LLMEngine, SamplingParams
+
+FIXTURE = "tests/fixtures/llama3"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = LLMEngine(EngineConfig(model=FIXTURE, dtype="float32", enforce_eager=True, max_model_len=128,
+                                    kv_cache_memory_bytes=1 << 22, max_num_seqs=8, max_num_batched_tokens=64))
+    yield engine
+    engine.close()
+
+
+def _pointers(kv_cache):
+    return [a.unsafe_buffer_pointer() for a in kv_cache.k + kv_cache.v]
+
+
+def test_steps_update_the_cache_in_place(engine):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(5, 500, 20 + 13 * i).tolist()},
+                           SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    before = engine.runner.kv_cache
+    pointers = _pointers(before)
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    after = engine.runner.kv_cache
+    assert steps > 3
+    assert all(a.is_deleted() for a in before.k + before.v), "the step did not consume (donate) the old cache"
+    assert _pointers(after) == pointers, "the cache moved: some step copied it instead of updating it in place"
+
+
+def test_block_copies_and_swaps_update_the_cache_in_place(engine):
+    runner = engine.runner
+    pointers = _pointers(runner.kv_cache)
+    k_before = np.asarray(runner.kv_cache.k[0][:, 3])
+    assert np.abs(k_before).sum() > 0, "block 3 should hold keys written by the previous test's requests"
+    runner.copy_blocks([(3, 5), (4, 6)])
+    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k[0][:, 5]), k_before)
+    runner.swap_out([(3, 0)])
+    runner.copy_blocks([(6, 3)])  # overwrite block 3, then bring the swapped copy back into block 7
+    runner.swap_in([(0, 7)])
+    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k[0][:, 7]), k_before)
+    assert _pointers(runner.kv_cache) == pointers
