@@ -82,6 +82,7 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._finished_total: dict[str, int] = {}
+        self._prompt_logprobs: dict[str, list] = {}  # request id -> prompt logprobs recorded so far
 
     def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
                         arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
@@ -127,6 +128,7 @@ class LLMEngine:
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             group = self.scheduler.abort(request_id)
+            self._prompt_logprobs.pop(request_id, None)
             if group is not None:
                 self.outputs.forget(request_id, len(group.seqs))
 
@@ -152,14 +154,21 @@ class LLMEngine:
                 s.seq.group.metrics.first_scheduled_time = now
                 s.seq.group.metrics.time_in_queue = now - s.seq.group.metrics.arrival_time
                 self._prompt_tokens_total += s.seq.group.num_prompt_tokens
-        sampled = self._execute(batch)
+        sampled, prompt_logprobs = self._execute(batch)
+        if prompt_logprobs is not None:
+            self._record_prompt_logprobs(batch, prompt_logprobs)
         self.scheduler.update(batch, [int(t) for t in sampled.token_ids[:batch.num_seqs]])
         return self._process_outputs(batch, sampled)
 
     def _execute(self, batch: SchedulerOutput):
         work = [SeqWork(s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
         rows = [self._sampling_row(s) for s in batch.scheduled]
-        return self.runner.execute(work, rows)
+        wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if _needs_prompt_logprobs(s)]
+        if not wanted:
+            return self.runner.execute(work, rows)
+        successors = [[s.seq.token_ids[p + 1] if p + 1 < s.seq.num_prompt_tokens else 0
+                       for p in range(s.start_pos, s.seq_len)] for s in batch.scheduled]
+        return self.runner.execute(work, rows, prompt_logprobs_k=max(wanted), successors=successors)
 
     def _sampling_row(self, s) -> SamplingRow:
         seq = s.seq
@@ -183,7 +192,8 @@ class LLMEngine:
             group.metrics.last_token_time = now
             self._generation_tokens_total += 1
             token = seq.output_token_ids[-1]
-            matched = self.outputs.append(seq, token, *self._row_logprobs(logprobs, row, token))
+            entry = self._row_logprobs(logprobs, row, token, group.params.logprobs)
+            matched = self.outputs.append(seq, token, *entry)
             if matched is not None and not seq.is_finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_reason=matched)
         for group in self.scheduler.take_finished():
@@ -198,15 +208,36 @@ class LLMEngine:
                 for seq in group.seqs:
                     reason = seq.finish_reason or "abort"
                     self._finished_total[reason] = self._finished_total.get(reason, 0) + 1
-            results.append(self.outputs.request_output(group))
+            output = self.outputs.request_output(group)
+            if group.params.prompt_logprobs is not None:
+                output.prompt_logprobs = self._prompt_logprobs.get(group.request_id)
+                if output.finished:
+                    self._prompt_logprobs.pop(group.request_id, None)
+            results.append(output)
         return results
 
+    def _record_prompt_logprobs(self, batch: SchedulerOutput, logprobs) -> None:
+        """Entry p + 1 of a request's prompt logprobs comes from the logits at prompt position p; positions
+        computed again after a recompute preemption are not recorded twice."""
+        row = 0
+        for s in batch.scheduled:
+            group = s.seq.group
+            if _needs_prompt_logprobs(s):
+                recorded = self._prompt_logprobs.setdefault(group.request_id, [None])
+                for i, p in enumerate(range(s.start_pos, s.seq_len)):
+                    if p + 1 == len(recorded) and p + 1 < group.num_prompt_tokens:
+                        token = group.prompt_token_ids[p + 1]
+                        recorded.append(self.outputs.logprob_entry(
+                            *self._row_logprobs(logprobs, row + i, token, group.params.prompt_logprobs)))
+            row += s.num_tokens
+
     @staticmethod
-    def _row_logprobs(logprobs, row: int, token: int):
+    def _row_logprobs(logprobs, row: int, token: int, k: int | None = None):
         if logprobs is None:
             return None, None
-        values = {int(t): float(v) for t, v in zip(logprobs.top_ids[row], logprobs.top_logprobs[row])}
-        ranks = {int(t): r + 1 for r, t in enumerate(logprobs.top_ids[row])}
+        top = slice(None) if k is None else slice(k)
+        values = {int(t): float(v) for t, v in zip(logprobs.top_ids[row][top], logprobs.top_logprobs[row][top])}
+        ranks = {int(t): r + 1 for r, t in enumerate(logprobs.top_ids[row][top])}
         values[token] = float(logprobs.token_logprob[row])
         ranks[token] = int(logprobs.rank[row])
         return values, ranks
@@ -223,3 +254,7 @@ class LLMEngine:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def _needs_prompt_logprobs(s) -> bool:
+    return s.seq.group.params.prompt_logprobs is not None and s.start_pos < s.seq.num_prompt_tokens - 1

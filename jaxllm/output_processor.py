@@ -48,8 +48,7 @@ class OutputProcessor:
         if logprobs is not None:
             state.cumulative_logprob += logprobs[token_id]
             if state.logprobs is not None:
-                state.logprobs.append({t: Logprob(lp, ranks.get(t), self._token_text(t))
-                                       for t, lp in logprobs.items()})
+                state.logprobs.append(self.logprob_entry(logprobs, ranks))
         if self.tokenizer is None:  # skip_tokenizer_init: token ids only
             return None
         state.detok, delta = detokenize_step(self.tokenizer, state.detok, [token_id],
@@ -68,6 +67,9 @@ class OutputProcessor:
         state.checked += len(send)
         state.stop_matched = matched is not None
         return matched
+
+    def logprob_entry(self, logprobs: dict[int, float], ranks: dict[int, int]) -> dict[int, Logprob]:
+        return {t: Logprob(lp, ranks.get(t), self._token_text(t)) for t, lp in logprobs.items()}
 
     def _token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)

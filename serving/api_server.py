@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from jaxllm.validation import validate_prompt_token_ids
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from jaxllm.validation import validate_prompt_token_ids
 from serving.auth import APIKeyMiddleware
 from serving.request_limits import DEFAULT_MAX_BODY_BYTES, RequestLimitsMiddleware
 from serving.chat import create_chat_completion

@@ -19,7 +19,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     model = ctx.check_model(body.model)
     engine = ctx.host.ready_engine()
     prompt_ids = await ctx.chat_prompt_ids(engine, body.template_messages(), body.add_generation_prompt)
-    inputs = ctx.engine_inputs(engine, body, [prompt_ids])
+    inputs = ctx.engine_inputs(body, [prompt_ids])
     request_id, gen = ctx.new_generation(engine, "chatcmpl", inputs)
     view = _ChatView(body, model, request_id, engine.tokenizer, len(prompt_ids))
     return await respond(request, gen, stream=body.stream, request_id=request_id, to_json=view.response,

@@ -22,7 +22,7 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
     overrides = {}
     if body.echo and body.logprobs is not None:
         overrides["prompt_logprobs"] = body.logprobs
-    inputs = ctx.engine_inputs(engine, body, prompt_ids, **overrides)
+    inputs = ctx.engine_inputs(body, prompt_ids, **overrides)
     request_id, gen = ctx.new_generation(engine, "cmpl", inputs)
     view = _CompletionView(body, model, request_id, engine.tokenizer, prompts, prompt_ids)
     return await respond(request, gen, stream=body.stream, request_id=request_id, to_json=view.response,

@@ -47,10 +47,10 @@ class ServerContext:
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                         chat_template=self.chat_template)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is the client's error
-            raise bad_request(f"the chat template rejected the messages: {_safe_message(exc)}", "messages") from None
+            raise bad_request(_template_error(exc), "messages") from None
         return await self.encode(engine, text, add_special_tokens=False)
 
-    def engine_inputs(self, engine, body, prompts_ids: list[list[int]], **overrides) -> list[EngineInput]:
+    def engine_inputs(self, body, prompts_ids: list[list[int]], **overrides) -> list[EngineInput]:
         """One EngineInput per prompt; SamplingParams is the validation choke point (ValueError -> 400)."""
         from jaxllm import SamplingParams
 
@@ -70,10 +70,9 @@ class ServerContext:
         return request_id, Generation(engine, lease, inputs, on_finished=self.metrics.observe_finished)
 
 
-def _safe_message(exc: Exception) -> str:
-    # Template errors come from `raise_exception(...)` in the template itself; anything else may name paths.
-    from jinja2 import TemplateError
-
-    if isinstance(exc, (TemplateError, ValueError)):
+def _template_error(exc: Exception) -> str:
+    # The tokenizer reports a rejected conversation as ValueError (e.g. the template's own raise_exception);
+    # other exception texts might name files, so only their type is shown.
+    if isinstance(exc, ValueError):
         return str(exc)[:500]
-    return type(exc).__name__
+    return f"the chat template failed on these messages ({type(exc).__name__})"

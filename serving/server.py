@@ -13,8 +13,8 @@ import socket
 import sys
 
 import uvicorn
-from jaxllm.default_model import default_model_name
 
+from jaxllm.default_model import default_model_name
 from serving.api_server import AppOptions, build_app
 from serving.cli import engine_config
 from serving.context import ServerContext
@@ -23,7 +23,6 @@ from serving.metrics import ServerMetrics
 from serving.request_limits import DEFAULT_MAX_HEADER_BYTES
 
 logger = logging.getLogger("jaxllm.serving")
-
 
 
 class _DrainingServer(uvicorn.Server):
@@ -40,8 +39,8 @@ class _DrainingServer(uvicorn.Server):
         await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
-        # Not recorded in _captured_signals: uvicorn would re-raise it after serve() and the exit code would be
-        # 128+SIGTERM instead of 0 after a clean drain.
+        # Not recorded in _captured_signals: uvicorn would re-raise it after serve(), and the process would die by
+        # the signal instead of exiting 0 after a clean drain.
         if self._loop is None:
             self.should_exit = True
             return
@@ -67,7 +66,7 @@ class _DrainingServer(uvicorn.Server):
 
         asyncio.ensure_future(abort_then_exit())
 
-    def fail(self, exc: BaseException) -> None:
+    def fail_startup(self) -> None:
         self.exit_code = 1
         self.should_exit = True
 
@@ -116,15 +115,12 @@ def run(args: argparse.Namespace) -> int:
                          stats_interval_s=None if args.disable_log_stats else 10.0)
     sock = bind_socket(args.host, args.port)
     bound_host, bound_port = sock.getsockname()[:2]
-    server: _DrainingServer | None = None
-
-    def on_fatal(exc: BaseException) -> None:
-        server.fail(exc)
 
     def on_ready() -> None:
         logger.info("ready: http://%s:%d/v1 (model %s)", bound_host, bound_port, names[0])
 
-    app = build_app(ctx, options, on_fatal=on_fatal, on_ready=on_ready)
+    app = build_app(ctx, options, on_fatal=lambda exc: server.fail_startup(), on_ready=on_ready)
+    # h11 refuses a request head that trickles in past the limit; RequestLimitsMiddleware checks complete ones.
     uv_config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
                                h11_max_incomplete_event_size=DEFAULT_MAX_HEADER_BYTES, timeout_graceful_shutdown=5,
                                timeout_keep_alive=5, lifespan="on", log_config=None)

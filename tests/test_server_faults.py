@@ -26,7 +26,8 @@ def served():
 
     def build_when_allowed():
         assert gate.wait(120), "the test never opened the start-up gate"
-        return AsyncLLMEngine(EngineConfig(model=TINY_MODEL, max_model_len=256, max_num_seqs=8))
+        return AsyncLLMEngine(EngineConfig(model=TINY_MODEL, max_model_len=2048, max_num_seqs=8,
+                                           kv_cache_memory_bytes=32 * 2**20))
 
     host = EngineHost(build_when_allowed, stall_timeout_s=STALL_TIMEOUT_S)
     ctx = ServerContext(host=host, metrics=ServerMetrics(host, "tiny"), served_model_names=["tiny"])
@@ -84,7 +85,7 @@ def test_an_injected_step_failure_fails_in_flight_requests_and_health(served):
     started = threading.Event()
 
     def stream_until_error():
-        body = {"model": "tiny", "prompt": "fail me", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        body = {"model": "tiny", "prompt": "fail me", "max_tokens": 2000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as r:
             lines = []
             for line in r.iter_lines():
@@ -97,7 +98,7 @@ def test_an_injected_step_failure_fails_in_flight_requests_and_health(served):
 
     with ThreadPoolExecutor(2) as pool:
         streaming = pool.submit(stream_until_error)
-        non_streaming = pool.submit(completion, served.url, max_tokens=200, ignore_eos=True)
+        non_streaming = pool.submit(completion, served.url, max_tokens=2000, ignore_eos=True)
         assert started.wait(60)
         deadline = time.monotonic() + 30
         while served.host.engine.stats().num_requests_running < 2 and time.monotonic() < deadline:

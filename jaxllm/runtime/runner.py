@@ -17,7 +17,7 @@ from jaxllm.kv_cache import KVCache
 from jaxllm.loading import load_model
 from jaxllm.runtime import block_ops, inputs, kv_sizing, transfer
 from jaxllm.runtime.buckets import BatchLayout, BucketPlan
-from jaxllm.runtime.sampler import SamplerOutput, SamplingMetadata, sample
+from jaxllm.runtime.sampler import Logprobs, SamplerOutput, SamplingMetadata, prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ModelRunner:
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
         self._step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3))
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,))
         self.kv_plan = self._plan_kv_cache()
         logger.info(self.kv_plan.describe())
         self.kv_cache = KVCache.create(
@@ -72,6 +73,11 @@ class ModelRunner:
     @staticmethod
     def _sample_fn(logits: jax.Array, buffer: jax.Array, offset: int, layout: transfer.PackedLayout):
         return sample(logits, transfer.unpack(buffer, layout, offset))
+
+    @staticmethod
+    def _prompt_logprobs_fn(logits: jax.Array, rows: jax.Array, next_ids: jax.Array, k: int):
+        # logits f32[T, V] of every token; rows i32[S] (each sequence's last token) feed the sampler.
+        return logits[rows], prompt_logprobs(logits, next_ids, num_logprobs=k)
 
     def _plan_kv_cache(self) -> kv_sizing.KVPlan:
         model_max_len = self.model_config.max_position_embeddings
@@ -109,10 +115,15 @@ class ModelRunner:
         progress("compiling buckets", len(layouts), len(layouts))
 
     def execute(self, work: Sequence[inputs.SeqWork], sampling_rows: Sequence, *,
-                all_logits: bool = False) -> SamplerOutput:
-        """Run one step and return the sampler's host-side output, one row per entry of `work` (rows of
-        sequences whose logits are not needed are computed on padding and ignored by the caller)."""
+                prompt_logprobs_k: int | None = None,
+                successors: Sequence[Sequence[int]] = ()) -> tuple[SamplerOutput, Logprobs | None]:
+        """Run one step. Returns the sampler's host-side output, one row per entry of `work` (rows of sequences
+        whose logits are not needed are computed on padding and ignored by the caller), and, when
+        prompt_logprobs_k is given, for every token row the logprob and rank of `successors[s][i]` (the token
+        after work[s].token_ids[i]) with the top-k alternatives; rows the caller has no successor for are
+        garbage it skips."""
         decode_only = all(len(w.token_ids) == 1 for w in work)
+        all_logits = prompt_logprobs_k is not None
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
                                    all_logits=all_logits)
         step_inputs = inputs.pack(work, layout, self.config.block_size)
@@ -122,7 +133,11 @@ class ModelRunner:
         # compiled shape depends on the bucket only; the sampler unpacks its part with static offsets.
         buffer = jax.device_put(np.concatenate([step_inputs, sampling]))
         self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer[:step_inputs.size], layout)
-        return jax.device_get(self._sample(logits, buffer, step_inputs.size, sampling_layout))
+        prompt = None
+        if all_logits:
+            last_rows, next_ids = _successor_rows(work, successors, layout.num_tokens, layout.num_seqs)
+            logits, prompt = self._prompt_logprobs(logits, last_rows, next_ids, prompt_logprobs_k)
+        return jax.device_get((self._sample(logits, buffer, step_inputs.size, sampling_layout), prompt))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.kv_cache = block_ops.copy_blocks(self.kv_cache, pairs)
@@ -139,6 +154,20 @@ class ModelRunner:
             leaf.delete()
         self.params = self.kv_cache = None
         self._step = self._sample = None
+
+
+def _successor_rows(work: Sequence[inputs.SeqWork], successors: Sequence[Sequence[int]], num_tokens: int,
+                    num_seqs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's last token row, and every token row's successor id laid out like the step's tokens."""
+    last_rows = np.zeros(num_seqs, np.int32)
+    next_ids = np.zeros(num_tokens, np.int32)
+    start = 0
+    for s, (w, following) in enumerate(zip(work, successors)):
+        n = len(w.token_ids)
+        next_ids[start:start + n] = following
+        last_rows[s] = start + n - 1
+        start += n
+    return last_rows, next_ids
 
 
 def _resolve_dtype(dtype: str, platform: str) -> str:
