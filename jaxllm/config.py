@@ -39,6 +39,12 @@ class EngineConfig:
     max_num_queued_reqs: int | None = None
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out, no text (benchmarks on config-only dummy models)
+    # Multi-host (vLLM's multi-node flags): one model over the devices of `nnodes` hosts through jax.distributed;
+    # node 0 schedules, nodes 1.. run its steps (jaxllm.distributed). tensor_parallel_size spans all hosts.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None  # node 0's address, where jax.distributed's coordinator listens
+    master_port: int = 29501
 
     def __post_init__(self):
         _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
@@ -59,6 +65,14 @@ class EngineConfig:
         _require(self.attention_backend in ("auto", "reference", "xla", "triton"), "attention_backend",
                  "must be auto, reference, xla or triton")
         _require(0 <= self.max_logprobs <= 20, "max_logprobs", "must be in [0, 20]")
+        _require(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
+        _require(0 <= self.node_rank < self.nnodes, "node_rank",
+                 f"must be in [0, nnodes - 1] = [0, {self.nnodes - 1}], got {self.node_rank}")
+        _require(self.nnodes == 1 or bool(self.master_addr), "master_addr",
+                 f"is required with nnodes ({self.nnodes}) > 1: the address of node 0")
+        _require(1 <= self.master_port <= 65535, "master_port", f"must be in [1, 65535], got {self.master_port}")
+        _require(self.tensor_parallel_size >= self.nnodes, "tensor_parallel_size",
+                 f"({self.tensor_parallel_size}) must be >= nnodes ({self.nnodes}): tensor parallelism is what spans the hosts")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,13 @@
-"""Device mesh and the PartitionSpecs of the weights, declared as data.
+"""Device mesh and the PartitionSpecs of the weights and the KV cache, declared as data.
 
 One mesh axis, "tp" (tensor parallel). Megatron layout: q/k/v/gate/up are column-parallel (output features split),
 o/down row-parallel (input features split, so each device's partial sum needs one all-reduce), embed and lm_head
 vocab-parallel, norms replicated. With a one-device mesh every spec degenerates to "whole array on that device".
+
+Heads, as vLLM splits them: the N q-heads must divide over tp. K kv-heads >= tp must divide over tp too; K < tp
+kv-heads are replicated, tp // K devices per kv-head (tp % K == 0), so every device holds exactly the one kv-head
+its N / tp q-heads attend with. The KV cache then has tp head slots, slot d holding kv-head d // (tp // K)
+(`kv_cache_heads`); the k/v projections stay whole on every device and the model repeats their heads to match.
 """
 
 import jax
@@ -25,35 +30,76 @@ PARAM_SPECS: dict[str, P] = {
     "down_bias": P(),
     "input_norm": P(), "post_norm": P(), "final_norm": P(), "q_norm": P(), "k_norm": P(),
 }
+# Params split over kv-heads: whole (replicated) when the kv-heads are fewer than the devices.
+KV_HEAD_PARAMS = frozenset({"k_proj", "v_proj", "k_bias", "v_bias"})
 
 
 def make_mesh(tensor_parallel_size: int = 1, devices=None) -> Mesh:
-    """A 1-D mesh over the first `tensor_parallel_size` devices (default: local devices of the default backend)."""
+    """A 1-D mesh over the first `tensor_parallel_size` devices (default: every device of the default backend,
+    all hosts' devices once jax.distributed is initialized)."""
     devices = list(jax.devices() if devices is None else devices)
-    if not 1 <= tensor_parallel_size <= len(devices):
-        raise ValueError(f"tensor_parallel_size must be in [1, {len(devices)}] (the devices available), "
-                         f"got {tensor_parallel_size}")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if tensor_parallel_size > len(devices):
+        kind = devices[0].platform.upper() if devices else "device"
+        raise ValueError(f"tensor_parallel_size ({tensor_parallel_size}) is larger than the number of available "
+                         f"{kind} devices ({len(devices)})")
     return Mesh(np.array(devices[:tensor_parallel_size]), (TP,))
 
 
-def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The spec of one param; an axis that the mesh does not divide evenly stays replicated rather than fail.
+def check_tensor_parallel(num_q_heads: int, num_kv_heads: int, tensor_parallel_size: int) -> None:
+    """vLLM's rules: q-heads divide over tp; kv-heads divide over tp, or tp over kv-heads when they are fewer."""
+    tp = tensor_parallel_size
+    if num_q_heads % tp:
+        raise ValueError(f"the model's number of attention heads ({num_q_heads}) must be divisible by "
+                         f"tensor_parallel_size ({tp})")
+    if num_kv_heads >= tp and num_kv_heads % tp:
+        raise ValueError(f"the model's number of kv heads ({num_kv_heads}) must be divisible by "
+                         f"tensor_parallel_size ({tp})")
+    if num_kv_heads < tp and tp % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size ({tp}) must be a multiple of the model's number of kv heads "
+                         f"({num_kv_heads}) when it is larger, so each kv head is replicated evenly")
 
-    Divisibility is checked on the flattened feature axis only; keeping whole kv-heads on a device (what the
-    sharded kernels will need) is the tensor-parallel issue's refinement.
+
+def kv_cache_heads(num_kv_heads: int, tensor_parallel_size: int) -> int:
+    """Head slots of the KV cache: the kv-heads, or one slot per device when kv-heads are replicated."""
+    return max(num_kv_heads, tensor_parallel_size)
+
+
+def tp_size(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape[TP]
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, config=None) -> P:
+    """The spec of one param.
+
+    With the model's `config` (a ModelConfig) the heads are checked against the mesh (ValueError naming both) and
+    k/v projections are replicated when kv-heads are fewer than devices. Any other axis the mesh does not divide
+    evenly (a vocabulary or MLP size) stays replicated rather than fail.
     """
-    spec = PARAM_SPECS[path.rsplit(".", 1)[-1]]
+    name = path.rsplit(".", 1)[-1]
+    spec = PARAM_SPECS[name]
     assert len(spec) <= len(shape), (path, spec, shape)
+    tp = mesh.shape[TP]
+    if config is not None:
+        check_tensor_parallel(config.num_q_heads, config.num_kv_heads, tp)
+        if name in KV_HEAD_PARAMS and config.num_kv_heads < tp:
+            return P()
     return P(*(axis if axis is None or shape[d] % mesh.shape[axis] == 0 else None for d, axis in enumerate(spec)))
 
 
-def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, param_spec(path, shape, mesh))
+def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh, config=None) -> NamedSharding:
+    return NamedSharding(mesh, param_spec(path, shape, mesh, config))
 
 
 def kv_sharding(mesh: Mesh, num_kv_heads: int | None = None) -> NamedSharding:
-    """KV pages [K, P, B, H] split over kv-heads, so each device holds the heads its q-heads attend with; replicated
-    when `num_kv_heads` is given and the mesh does not divide it."""
+    """KV pages [K, P, B, H] split over their head slots (`kv_cache_heads`), so each device holds the kv-heads its
+    q-heads attend with. `num_kv_heads`, when given, is the cache's head count: a count the mesh does not divide
+    (a cache not laid out by `kv_cache_heads`) is replicated."""
     if num_kv_heads is not None and num_kv_heads % mesh.shape[TP]:
         return NamedSharding(mesh, P())
     return NamedSharding(mesh, P(TP, None, None, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -86,6 +86,9 @@ def make_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument("--max-logprobs", type=int, default=20)
     engine.add_argument("--trust-remote-code", action="store_true")
+    engine.add_argument("--allow-pickle", action="store_true",
+                        help="allow .bin/.pt (pickle) checkpoints; refused by default, they can run code on load")
+    engine.add_argument("--attention-backend", choices=["auto", "reference", "triton", "mosaic"], default="auto")
     engine.add_argument("--kv-cache-memory-bytes", type=_human_int, default=None,
                         help="fix the KV cache size instead of sizing it from free device memory")
     return p
@@ -117,6 +120,7 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, swap_space=args.swap_space,
         enforce_eager=args.enforce_eager, seed=args.seed, load_format=args.load_format,
         enable_prefix_caching=args.enable_prefix_caching, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle, attention_backend=args.attention_backend,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_logprobs=args.max_logprobs,
         max_num_queued_reqs=args.max_num_queued_reqs,
         served_model_name=args.served_model_name[0] if args.served_model_name else None)

@@ -21,10 +21,8 @@ API_KEY = "test-key-7f3a"
 _LISTENING = re.compile(r"listening on http://([0-9.]+):(\d+)")
 
 
-def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+def cpu_env() -> dict[str, str]:
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
 class ServerProcess:
@@ -100,17 +98,11 @@ class InProcessServer:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.loop.run_until_complete(self.server.serve(sockets=[self._sock]))
-
-    def call(self, coro, timeout: float = 30):
-        """Runs a coroutine on the server's event loop and returns its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        asyncio.run(self.server.serve(sockets=[self._sock]))
 
     def stop(self, timeout: float = 60) -> None:
         self.server.should_exit = True

@@ -139,3 +139,14 @@ def test_stream_events_are_single_line_json(http):
     blocks = [b for b in raw.split("\n\n") if b]
     assert all(b.startswith("data: ") and "\n" not in b for b in blocks)
     assert json.loads(blocks[0][len("data: "):])["choices"][0]["text"] == "line\nbreaks\n"
+
+
+def test_streamed_echo_and_logprobs_equal_non_stream(http):
+    body = {"prompt": "echo and score", "max_tokens": 6, "echo": True, "logprobs": 2, **GREEDY}
+    full = http.post("/v1/completions", json={"model": "tiny", **body}).json()["choices"][0]
+    events = stream(http, "/v1/completions", body)
+    pieces = [c["logprobs"] for e in events for c in e["choices"]]
+    assert joined(events, lambda c: c["text"]) == {0: full["text"]}
+    assert sum((p["tokens"] for p in pieces), []) == full["logprobs"]["tokens"]
+    assert sum((p["token_logprobs"] for p in pieces), []) == pytest.approx(full["logprobs"]["token_logprobs"])
+    assert sum((p["top_logprobs"] for p in pieces), []) == full["logprobs"]["top_logprobs"]

@@ -104,7 +104,7 @@ def load_params(source: TensorSource, model, *, dtype="auto", mesh: Mesh | None 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
     shapes = {dotted(path): leaf.shape for path, leaf in leaves}
     pieces = plan(source, model.weight_map, model.ignored_weights, shapes)
-    arrays = [_place(source, pieces[path], shape, param_sharding(path, shape, mesh), jnp.dtype(dtype))
+    arrays = [_place(source, pieces[path], shape, param_sharding(path, shape, mesh, model.config), jnp.dtype(dtype))
               for path, shape in shapes.items()]
     return jax.tree_util.tree_unflatten(treedef, arrays)
 

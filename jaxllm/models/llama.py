@@ -73,7 +73,7 @@ class LlamaForCausalLM:
     """
 
     config: ModelConfig
-    mesh: Mesh | None = None  # where the params live; the forward itself relies on sharding propagation for now
+    mesh: Mesh | None = None  # where the params live; attention runs under shard_map over its "tp" axis
     attention_backend: str = "auto"  # pallas_kernels backend: "auto" (from the device) | "reference" | "triton"
 
     weight_map: ClassVar[tuple[WeightRule, ...]] = WEIGHT_MAP
@@ -122,7 +122,8 @@ class LlamaForCausalLM:
         for i, p in enumerate(params["layers"]):
             k_pages, v_pages, h = attention(
                 p, kv_cache.k[i], kv_cache.v[i], rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, metadata,
-                config=c, sliding_window=c.layer_sliding_window(i), backend=self.attention_backend)
+                config=c, sliding_window=c.layer_sliding_window(i), backend=self.attention_backend,
+                mesh=self.mesh)
             x = x + h
             x = x + mlp(p, rms_norm(x, p["post_norm"], c.rms_norm_eps))
             new_k.append(k_pages)
