@@ -76,15 +76,16 @@ class AsyncLLMEngine:
         busy = self.engine.has_unfinished_requests()
         return not busy or time.monotonic() - self.last_step_time < stall_timeout
 
-    async def generate(self, prompt, sampling_params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, sampling_params: SamplingParams, request_id: str, *,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream cumulative RequestOutputs for one request. Bad input raises ValueError before anything is
-        queued; leaving the iteration early (break, cancellation, client disconnect) aborts the request."""
+        queued; leaving the iteration early (break, cancellation, client disconnect) aborts the request.
+        Requests with different cache salts never share prefix-cache blocks."""
         if self.errored is not None or self._stopping:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self.engine.process_request(request_id, prompt, sampling_params)
+        request = self.engine.process_request(request_id, prompt, sampling_params, cache_salt=cache_salt)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._send(("add", request))

@@ -205,9 +205,8 @@ class LLMEngine:
         for group in groups:
             if group.is_finished() and group.metrics.finished_time is None:
                 group.metrics.finished_time = now or time.time()
-                for seq in group.seqs:
-                    reason = seq.finish_reason or "abort"
-                    self._finished_total[reason] = self._finished_total.get(reason, 0) + 1
+                reason = group.seqs[0].finish_reason or "abort"  # one count per request, as vLLM
+                self._finished_total[reason] = self._finished_total.get(reason, 0) + 1
             output = self.outputs.request_output(group)
             if group.params.prompt_logprobs is not None:
                 output.prompt_logprobs = self._prompt_logprobs.get(group.request_id)

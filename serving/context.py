@@ -58,7 +58,7 @@ class ServerContext:
             params = SamplingParams(**(body.sampling_kwargs() | overrides))
         except ValueError as exc:
             raise from_engine_value_error(exc) from None
-        return [EngineInput(ids, params) for ids in prompts_ids]
+        return [EngineInput(ids, params, body.cache_salt) for ids in prompts_ids]
 
     def new_generation(self, engine, prefix: str, inputs: list[EngineInput]) -> tuple[str, Generation]:
         request_id = f"{prefix}-{uuid.uuid4().hex}"

@@ -26,6 +26,7 @@ class ClientDisconnected(Exception):
 class EngineInput:
     prompt_token_ids: list[int]
     params: object  # jaxllm.SamplingParams
+    cache_salt: str | None = None  # requests with different salts never share prefix-cache blocks
 
 
 def engine_failure(exc: BaseException) -> APIError:
@@ -63,7 +64,8 @@ class Generation:
     async def start(self) -> None:
         """Submits every prompt; raises the engine's error (e.g. ValueError -> 400) if any prompt is refused."""
         for rid, inp in zip(self.request_ids, self.inputs):
-            stream = self._engine.generate({"prompt_token_ids": inp.prompt_token_ids}, inp.params, rid)
+            stream = self._engine.generate({"prompt_token_ids": inp.prompt_token_ids}, inp.params, rid,
+                                           cache_salt=inp.cache_salt)
             self._streams.append(stream)
         firsts = await asyncio.gather(*(anext(s) for s in self._streams), return_exceptions=True)
         for result in firsts:

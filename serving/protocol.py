@@ -66,6 +66,7 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None  # keys are token ids as strings; SamplingParams checks them
     allowed_token_ids: list[StrictInt] | None = None
     prompt_logprobs: StrictInt | None = None
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM's prefix-cache isolation
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -141,3 +141,21 @@ def test_stop_string_spanning_tokens_ends_the_text_before_it(http):
     kept = complete(http, prompt="Tell me", max_tokens=40, stop=[stop], include_stop_str_in_output=True,
                     **GREEDY)["choices"][0]
     assert kept["text"] == full[:full.index(stop) + len(stop)]
+
+
+def _prefix_hits(http) -> float:
+    text = http.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_cache_salt_keeps_prefix_cache_blocks_apart(http):
+    prompt = list(range(40, 120))  # 80 tokens: several full blocks to share
+    body = {"prompt": prompt, "max_tokens": 2, **GREEDY}
+    first = complete(http, **body, cache_salt="tenant-a")
+    before = _prefix_hits(http)
+    other = complete(http, **body, cache_salt="tenant-b")
+    assert _prefix_hits(http) == before, "a different salt must not hit the other tenant's blocks"
+    same = complete(http, **body, cache_salt="tenant-a")
+    assert _prefix_hits(http) > before, "the same salt reuses its own cached prefix"
+    assert first["choices"][0]["text"] == other["choices"][0]["text"] == same["choices"][0]["text"]

@@ -2,8 +2,13 @@
 
 One step: pack the batch into one i32 buffer (one host->device transfer), run the jitted model with the KV cache
 donated, sample on device, and bring back only the sampled ids (and requested logprobs).
+
+Tensor parallelism is the mesh: params, KV cache and kernels are sharded over its "tp" axis (jaxllm.sharding), the
+step's inputs and the logits are replicated, so the sampler sees the whole vocabulary. Across hosts the leader's
+runner broadcasts every device operation and the followers' runners replay it (`follow`, jaxllm.distributed).
 """
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -11,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import compile_cache, sharding
+from jaxllm import compile_cache, distributed, sharding
 from jaxllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from jaxllm.kv_cache import KVCache
 from jaxllm.loading import load_model
@@ -31,9 +36,16 @@ def _no_progress(phase: str, done: int, total: int) -> None:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: str, *, progress: ProgressFn = _no_progress):
         self.config = config
+        distributed.initialize_from_config(config)
         compile_cache.enable()
         self.mesh = sharding.make_mesh(config.tensor_parallel_size)
         self.platform = self.mesh.devices.flat[0].platform
+        self._replicated = sharding.replicated(self.mesh)
+        # Across hosts every process must run every step: the mesh must reach each one, and the leader says what.
+        self.channel = distributed.Channel() if jax.process_count() > 1 else None
+        if self.channel is not None and config.tensor_parallel_size != jax.device_count():
+            raise ValueError(f"tensor_parallel_size ({config.tensor_parallel_size}) must equal the number of devices "
+                             f"of all {jax.process_count()} nodes ({jax.device_count()}) in a multi-node run")
         progress("loading weights", 0, 1)
         self.model, self.params, self.model_config = load_model(
             model_path, dtype=_resolve_dtype(config.dtype, self.platform), load_format=config.load_format,
@@ -43,14 +55,14 @@ class ModelRunner:
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
         self._step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3))
-        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,))
+        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), out_shardings=self._replicated)
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), out_shardings=self._replicated)
         self.kv_plan = self._plan_kv_cache()
         logger.info(self.kv_plan.describe())
         self.kv_cache = KVCache.create(
             num_layers=self.model_config.num_layers, num_blocks=self.kv_plan.num_blocks,
-            block_size=config.block_size, num_kv_heads=self.model_config.num_kv_heads,
-            head_dim=self.model_config.head_dim, dtype=self.kv_dtype, sharding=sharding.kv_sharding(self.mesh))
+            block_size=config.block_size, num_kv_heads=self.kv_cache_heads, head_dim=self.model_config.head_dim,
+            dtype=self.kv_dtype, sharding=sharding.kv_sharding(self.mesh))
         self.buckets = BucketPlan(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_blocks=kv_sizing.max_blocks_per_seq(self.kv_plan.max_model_len, config.block_size))
@@ -66,9 +78,15 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
+    @property
+    def kv_cache_heads(self) -> int:
+        return sharding.kv_cache_heads(self.model_config.num_kv_heads, self.config.tensor_parallel_size)
+
     def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, layout: BatchLayout):
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
-        return self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
+        kv_cache, logits = self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
+        # The lm_head is vocab-parallel: gather the logits so the sampler sees the whole vocabulary on every device.
+        return kv_cache, jax.lax.with_sharding_constraint(logits, self._replicated)
 
     @staticmethod
     def _sample_fn(logits: jax.Array, buffer: jax.Array, offset: int, layout: transfer.PackedLayout):
@@ -81,17 +99,18 @@ class ModelRunner:
 
     def _plan_kv_cache(self) -> kv_sizing.KVPlan:
         model_max_len = self.model_config.max_position_embeddings
-        device = self.mesh.devices.flat[0]
+        device = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
         activation_bytes = 0
         if device.platform != "cpu" and self.config.kv_cache_memory_bytes is None:
             activation_bytes = self._activation_bytes(model_max_len)
-        kv_heads = self.model_config.num_kv_heads
-        tp = self.config.tensor_parallel_size
         block_bytes = kv_sizing.bytes_per_block(
-            num_layers=self.model_config.num_layers, kv_heads_per_device=max(1, kv_heads // tp),
+            num_layers=self.model_config.num_layers,
+            kv_heads_per_device=self.kv_cache_heads // self.config.tensor_parallel_size,
             head_dim=self.model_config.head_dim, block_size=self.config.block_size,
             itemsize=jnp.dtype(self.kv_dtype).itemsize)
         budget = kv_sizing.kv_budget_bytes(self.config, device, activation_bytes=activation_bytes)
+        if self.channel is not None:  # every host's cache must have the same shape: the tightest host decides
+            budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
         return kv_sizing.plan_kv_cache(self.config, budget_bytes=budget, block_bytes=block_bytes,
                                        model_max_len=model_max_len)
 
@@ -101,7 +120,8 @@ class ModelRunner:
         layout = BatchLayout(tokens, min(tokens, self.config.max_num_seqs),
                              kv_sizing.max_blocks_per_seq(max_model_len, self.config.block_size), False)
         mc = self.model_config
-        page = jax.ShapeDtypeStruct((mc.num_kv_heads, 2, self.config.block_size, mc.head_dim), self.kv_dtype)
+        page = jax.ShapeDtypeStruct((self.kv_cache_heads, 2, self.config.block_size, mc.head_dim), self.kv_dtype,
+                                    sharding=sharding.kv_sharding(self.mesh))
         cache = KVCache(k=(page,) * mc.num_layers, v=(page,) * mc.num_layers)
         compiled = self._step.lower(self.params, cache, inputs.abstract_buffer(layout), layout).compile()
         analysis = compiled.memory_analysis()
