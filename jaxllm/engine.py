@@ -18,7 +18,7 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.progress import TqdmProgress
 from jaxllm.runtime.inputs import SeqWork
 from jaxllm.runtime.runner import ModelRunner
-from jaxllm.runtime.sampling_metadata import SamplingRow
+from jaxllm.runtime.sampling_metadata import RowConstants, SamplingRow
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduling.block_manager import BlockManager
 from jaxllm.scheduling.scheduler import Scheduler
@@ -83,6 +83,7 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._finished_total: dict[str, int] = {}
         self._prompt_logprobs: dict[str, list] = {}  # request id -> prompt logprobs recorded so far
+        self._row_constants: dict[tuple[str, int], RowConstants] = {}  # (request id, sample) -> sampling constants
 
     def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
                         arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
@@ -130,10 +131,15 @@ class LLMEngine:
             group = self.scheduler.abort(request_id)
             self._prompt_logprobs.pop(request_id, None)
             if group is not None:
+                self._forget_rows(group)
                 self.outputs.forget(request_id, len(group.seqs))
 
     def abort_all(self) -> None:
         self.abort_request(self.scheduler.request_ids())
+
+    def _forget_rows(self, group: SequenceGroup) -> None:
+        for seq in group.seqs:
+            self._row_constants.pop((group.request_id, seq.sample_index), None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -174,9 +180,18 @@ class LLMEngine:
         seq = s.seq
         if not s.do_sample:
             return SamplingRow(_PADDING_ROW_PARAMS, (), (), seed=0)
-        return SamplingRow(seq.group.params, seq.prompt_token_ids, seq.output_token_ids, seed=seq.group.seed,
-                           sample_index=seq.sample_index, position=s.seq_len,
-                           eos_token_ids=() if seq.group.params.ignore_eos else tuple(self.eos_token_ids))
+        params = seq.group.params
+        key = (seq.request_id, seq.sample_index)
+        constants = self._row_constants.get(key)
+        if constants is None:
+            row = SamplingRow(params, (), (), seed=seq.group.seed, sample_index=seq.sample_index,
+                              eos_token_ids=() if params.ignore_eos else tuple(self.eos_token_ids))
+            constants = self._row_constants[key] = RowConstants.of(row, self.model_config.vocab_size)
+        # Token histories are copied only for the penalties that read them.
+        history = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1
+        return SamplingRow(params, seq.prompt_token_ids if history else (), seq.output_token_ids if history else (),
+                           seed=seq.group.seed, sample_index=seq.sample_index, position=s.seq_len,
+                           constants=constants, num_output_tokens=seq.num_output_tokens)
 
     def _process_outputs(self, batch: SchedulerOutput, sampled) -> list[RequestOutput]:
         now = time.time()
@@ -207,6 +222,8 @@ class LLMEngine:
                 group.metrics.finished_time = now or time.time()
                 reason = group.seqs[0].finish_reason or "abort"  # one count per request, as vLLM
                 self._finished_total[reason] = self._finished_total.get(reason, 0) + 1
+            if group.is_finished():
+                self._forget_rows(group)
             output = self.outputs.request_output(group)
             if group.params.prompt_logprobs is not None:
                 output.prompt_logprobs = self._prompt_logprobs.get(group.request_id)

@@ -27,26 +27,31 @@ def _sections(layout: BatchLayout) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.ndarray:
-    """Lay the batch out in one i32 buffer. Padding tokens write to the null block and belong to no sequence."""
+    """Lay the batch out in one i32 buffer. Padding tokens write to the null block and belong to no sequence.
+
+    Vectorised over tokens: at 256 decodes a per-sequence loop of small numpy ops cost milliseconds per step."""
     arrays = {name: np.zeros(shape, np.int32) for name, shape in _sections(layout)}
-    arrays["slot_mapping"][:] = NULL_BLOCK * block_size
-    arrays["block_tables"][:] = NULL_BLOCK
-    start = 0
+    lengths = np.fromiter((len(w.token_ids) for w in work), np.int32, len(work))
+    num_seqs, num_real = len(work), int(lengths.sum())
+    ends = np.cumsum(lengths, dtype=np.int32)
+    tables = arrays["block_tables"]
+    tables[:] = NULL_BLOCK
     for s, w in enumerate(work):
-        n = len(w.token_ids)
-        positions = np.arange(w.start_pos, w.start_pos + n, dtype=np.int32)
-        table = np.asarray(w.block_table, np.int32)
-        arrays["token_ids"][start:start + n] = w.token_ids
-        arrays["positions"][start:start + n] = positions
-        arrays["slot_mapping"][start:start + n] = table[positions // block_size] * block_size + positions % block_size
-        arrays["block_tables"][s, :len(table)] = table
-        arrays["seq_lens"][s] = w.start_pos + n
-        start += n
-        arrays["query_start_loc"][s + 1:] = start
-        if not layout.all_logits:
-            arrays["logits_indices"][s] = start - 1
+        tables[s, :len(w.block_table)] = w.block_table
+    seq = np.repeat(np.arange(num_seqs, dtype=np.int32), lengths)  # [real tokens]
+    starts = np.fromiter((w.start_pos for w in work), np.int32, num_seqs)
+    positions = starts[seq] + np.arange(num_real, dtype=np.int32) - (ends - lengths)[seq]
+    arrays["token_ids"][:num_real] = [t for w in work for t in w.token_ids]
+    arrays["positions"][:num_real] = positions
+    arrays["slot_mapping"][:] = NULL_BLOCK * block_size
+    arrays["slot_mapping"][:num_real] = tables[seq, positions // block_size] * block_size + positions % block_size
+    arrays["seq_lens"][:num_seqs] = starts + lengths
+    arrays["query_start_loc"][1:num_seqs + 1] = ends
+    arrays["query_start_loc"][num_seqs + 1:] = num_real
     if layout.all_logits:
         arrays["logits_indices"][:] = np.arange(layout.num_tokens)
+    else:
+        arrays["logits_indices"][:num_seqs] = ends - 1
     return np.concatenate([a.reshape(-1) for a in arrays.values()])
 
 

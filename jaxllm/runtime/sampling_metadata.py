@@ -41,6 +41,50 @@ class SamplingRow:
     sample_index: int = 0
     position: int | None = None
     eos_token_ids: Sequence[int] = ()
+    constants: "RowConstants | None" = None  # RowConstants.of(this row), cached by a caller that builds every step
+    num_output_tokens: int | None = None  # when given, the histories are read only for rows with penalties
+
+
+@dataclasses.dataclass(frozen=True)
+class RowConstants:
+    """The part of a row that never changes during a request, converted and validated once: an engine caches it
+    per sample so building a 256-row batch costs a few array copies, not thousands of attribute reads."""
+
+    scalars: tuple  # temperature, greedy, top_k, top_p, min_p, presence, frequency, repetition, seed hi, seed lo, index
+    stop_ids: tuple[int, ...]  # EOS + stop_token_ids, masked while fewer than min_tokens were generated
+    min_tokens: int
+    bias_ids: tuple[int, ...]
+    bias_values: tuple[float, ...]
+    allowed_ids: tuple[int, ...]
+    logprobs: int  # -1: none; else the number of top logprobs wanted (vocab_size for "all")
+
+    @classmethod
+    def of(cls, row: SamplingRow, vocab_size: int) -> "RowConstants":
+        p = row.params
+        t = float(getattr(p, "temperature", 1.0))
+        greedy = t < GREEDY_EPS
+        k = int(getattr(p, "top_k", 0) or 0)
+        s = int(row.seed) % (1 << 64)
+        scalars = (1.0 if greedy else t, greedy, 0 if k <= 0 or k >= vocab_size else k,  # vLLM: top_k -1 is off
+                   float(getattr(p, "top_p", 1.0)), float(getattr(p, "min_p", 0.0)),
+                   float(getattr(p, "presence_penalty", 0.0)), float(getattr(p, "frequency_penalty", 0.0)),
+                   float(getattr(p, "repetition_penalty", 1.0)), s >> 32, s & 0xFFFFFFFF, row.sample_index)
+        stop = sorted(set(list(getattr(p, "stop_token_ids", None) or ()) + list(row.eos_token_ids)))
+        _check_ids(stop, vocab_size, "stop_token_ids")
+        bias = getattr(p, "logit_bias", None) or {}
+        bias_ids = tuple(int(t) for t in bias)
+        _check_ids(bias_ids, vocab_size, "logit_bias")
+        allowed = tuple(getattr(p, "allowed_token_ids", None) or ())
+        _check_ids(allowed, vocab_size, "allowed_token_ids")
+        lp = getattr(p, "logprobs", None)
+        # vLLM reads logprobs=-1 as "the whole vocabulary".
+        logprobs = -1 if lp is None else (vocab_size if int(lp) < 0 else min(int(lp), vocab_size))
+        return cls(scalars, tuple(stop), int(getattr(p, "min_tokens", 0) or 0), bias_ids,
+                   tuple(float(v) for v in bias.values()), allowed, logprobs)
+
+
+def _num_outputs(row: SamplingRow) -> int:
+    return len(row.output_token_ids) if row.num_output_tokens is None else row.num_output_tokens
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -120,47 +164,26 @@ class SamplingMetadata:
         if n > pad_rows_to:
             raise ValueError(f"{n} sampling rows exceed pad_rows_to={pad_rows_to}")
         S = pad_rows_to
-        f32 = lambda fill: np.full((S,), fill, np.float32)
-        temperature, top_p, min_p = f32(1.0), f32(1.0), f32(0.0)
-        presence, frequency, repetition = f32(0.0), f32(0.0), f32(1.0)
-        greedy = np.ones((S,), bool)
+        consts = [row.constants or RowConstants.of(row, vocab_size) for row in rows]
+        # Padding rows: greedy, no filters, no penalties, seed 0.
+        scalars = np.tile(np.array([1.0, 1, 0, 1.0, 0.0, 0.0, 0.0, 1.0, 0, 0, 0], np.float64), (S, 1))
+        if n:
+            scalars[:n] = [c.scalars for c in consts]
+        temperature, top_p, min_p = (scalars[:, i].astype(np.float32) for i in (0, 3, 4))
+        presence, frequency, repetition = (scalars[:, i].astype(np.float32) for i in (5, 6, 7))
+        greedy = scalars[:, 1] != 0
+        top_k, sample_index = scalars[:, 2].astype(np.int32), scalars[:, 10].astype(np.int32)
+        seed = scalars[:, 8:10].astype(np.uint32)
+        position = np.zeros((S,), np.int32)
+        position[:n] = [len(r.prompt_token_ids) + len(r.output_token_ids) if r.position is None else r.position
+                        for r in rows]
         suppress = np.zeros((S,), bool)
-        top_k, sample_index, position = (np.zeros((S,), np.int32) for _ in range(3))
-        seed = np.zeros((S, 2), np.uint32)
-        stop, bias_ids, bias_vals, allowed, outputs, prompts = [], [], [], [], [], []
-        max_logprobs = -1
-        for i, row in enumerate(rows):
-            p = row.params
-            t = float(getattr(p, "temperature", 1.0))
-            greedy[i] = t < GREEDY_EPS
-            temperature[i] = 1.0 if greedy[i] else t
-            k = int(getattr(p, "top_k", 0) or 0)
-            top_k[i] = 0 if k <= 0 or k >= vocab_size else k  # vLLM accepts -1 for "off" too
-            top_p[i] = float(getattr(p, "top_p", 1.0))
-            min_p[i] = float(getattr(p, "min_p", 0.0))
-            presence[i] = float(getattr(p, "presence_penalty", 0.0))
-            frequency[i] = float(getattr(p, "frequency_penalty", 0.0))
-            repetition[i] = float(getattr(p, "repetition_penalty", 1.0))
-            s = int(row.seed) % (1 << 64)
-            seed[i] = (s >> 32, s & 0xFFFFFFFF)
-            sample_index[i] = row.sample_index
-            position[i] = (len(row.prompt_token_ids) + len(row.output_token_ids)
-                           if row.position is None else row.position)
-            ids = list(getattr(p, "stop_token_ids", None) or ()) + list(row.eos_token_ids)
-            _check_ids(ids, vocab_size, "stop_token_ids")
-            suppress[i] = bool(ids) and len(row.output_token_ids) < int(getattr(p, "min_tokens", 0) or 0)
-            stop.append(sorted(set(ids)) if suppress[i] else [])
-            bias = getattr(p, "logit_bias", None) or {}
-            bias_ids.append([int(t) for t in bias])
-            bias_vals.append([float(v) for v in bias.values()])
-            _check_ids(bias_ids[-1], vocab_size, "logit_bias")
-            allowed.append(list(getattr(p, "allowed_token_ids", None) or ()))
-            _check_ids(allowed[-1], vocab_size, "allowed_token_ids")
-            outputs.append(row.output_token_ids)
-            prompts.append(row.prompt_token_ids)
-            lp = getattr(p, "logprobs", None)
-            if lp is not None:  # vLLM reads logprobs=-1 as "the whole vocabulary"
-                max_logprobs = max(max_logprobs, vocab_size if int(lp) < 0 else min(int(lp), vocab_size))
+        suppress[:n] = [bool(c.stop_ids) and _num_outputs(r) < c.min_tokens for r, c in zip(rows, consts)]
+        stop = [c.stop_ids if suppress[i] else () for i, c in enumerate(consts)]
+        bias_ids = [c.bias_ids for c in consts]
+        bias_vals = [c.bias_values for c in consts]
+        allowed = [c.allowed_ids for c in consts]
+        max_logprobs = max((c.logprobs for c in consts), default=-1)
         random = ~greedy[:n]
         flags = dict(
             all_greedy=not random.any(),
@@ -175,6 +198,8 @@ class SamplingMetadata:
             max_logprobs = next((b for b in buckets if b >= max_logprobs), max_logprobs)
         history = flags["any_penalties"]
         masks = flags["any_bias_or_mask"]
+        outputs = [r.output_token_ids for r in rows] if history else []
+        prompts = [r.prompt_token_ids for r in rows] if history else []
         return cls(
             temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p, min_p=min_p,
             presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
@@ -183,7 +208,7 @@ class SamplingMetadata:
             bias_ids=_padded(bias_ids if masks else [], S),
             bias_values=_padded(bias_vals if masks else [], S, dtype=np.float32, fill=0.0),
             allowed_ids=_padded(allowed if masks else [], S),
-            output_ids=_padded(outputs if history else [], S, MIN_HISTORY_BUCKET if history else 1),
-            prompt_ids=_padded(prompts if history else [], S, MIN_HISTORY_BUCKET if history else 1),
+            output_ids=_padded(outputs, S, MIN_HISTORY_BUCKET if history else 1),
+            prompt_ids=_padded(prompts, S, MIN_HISTORY_BUCKET if history else 1),
             num_logprobs=max_logprobs, **flags,
         )
