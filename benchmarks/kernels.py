@@ -24,8 +24,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from benchmarks.roofline import copy_bandwidth, matmul_rate, read_bandwidth
 from pallas_kernels.decode_attention import DecodeConfig
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_paged_attention import (
@@ -71,54 +71,6 @@ def chain_time(fn, args, *, inner=8, target_s=0.15, repeats=3) -> float:
         jax.block_until_ready(x)
         times.append((time.perf_counter() - start) / (calls * inner))
     return float(np.median(times))
-
-
-def copy_bandwidth() -> float:
-    """A 4 GiB f32 array scaled in place 20 times in a while loop (its ~10 us per iteration is < 1% here)."""
-    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.float32)
-    run = jax.jit(lambda x: lax.fori_loop(0, 20, lambda _, x: x * 1.0001, x))
-    jax.block_until_ready(run(x))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(run(x))
-        times.append((time.perf_counter() - start) / 20)
-    return 2 * x.nbytes / float(np.median(times))
-
-
-def read_bandwidth() -> float:
-    """A 4 GiB f32 array summed 20 times in a while loop: the ceiling of a read-only stream, which decode is."""
-    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.float32)
-    run = jax.jit(lambda x: lax.fori_loop(0, 20, lambda _, acc: acc + jnp.sum(x + acc * 0), jnp.float32(0)))
-    jax.block_until_ready(run(x))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(run(x))
-        times.append((time.perf_counter() - start) / 20)
-    return x.nbytes / float(np.median(times))
-
-
-def matmul_rate() -> float:
-    """bf16 8192^3 products chained x <- x @ b (b ~ N(0, 1/8192) keeps x's scale), random data."""
-    x = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-    b = (jax.random.normal(jax.random.key(2), (8192, 8192), jnp.float32) / 8192 ** 0.5).astype(jnp.bfloat16)
-
-    @jax.jit
-    def run(x, b):
-        for _ in range(8):
-            x = x @ b
-        return x
-
-    jax.block_until_ready(run(x, b))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(4):
-            y = run(x, b)
-        jax.block_until_ready(y)
-        times.append((time.perf_counter() - start) / 32)
-    return 2 * 8192 ** 3 / float(np.median(times))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -254,13 +206,13 @@ def fastest(results: dict, variants: dict, default):
     return (min(timed)[1], variants[min(timed)[1]]) if timed else ("default", default)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time tuning variants")
     parser.add_argument("--out", default=None)
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = jax.devices()[0]
     report = dict(device=device.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
     print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
