@@ -72,7 +72,12 @@ class EngineConfig:
                  f"is required with nnodes ({self.nnodes}) > 1: the address of node 0")
         _require(1 <= self.master_port <= 65535, "master_port", f"must be in [1, 65535], got {self.master_port}")
         _require(self.tensor_parallel_size >= self.nnodes, "tensor_parallel_size",
-                 f"({self.tensor_parallel_size}) must be >= nnodes ({self.nnodes}): tensor parallelism is what spans the hosts")
+                 f"({self.tensor_parallel_size}) must be >= nnodes ({self.nnodes}): tensor parallelism is what "
+                 f"spans the hosts")
+        if self.nnodes > 1:
+            # A host holds only its shards of a swapped-out block; across hosts preemption recomputes instead, as
+            # vLLM V1 always does.
+            object.__setattr__(self, "swap_space", 0)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -92,14 +92,17 @@ def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh, config=None) -
     return NamedSharding(mesh, param_spec(path, shape, mesh, config))
 
 
-def kv_sharding(mesh: Mesh, num_kv_heads: int | None = None) -> NamedSharding:
-    """KV pages [K, P, B, H] split over their head slots (`kv_cache_heads`), so each device holds the kv-heads its
-    q-heads attend with. `num_kv_heads`, when given, is the cache's head count: a count the mesh does not divide
-    (a cache not laid out by `kv_cache_heads`) is replicated."""
-    if num_kv_heads is not None and num_kv_heads % mesh.shape[TP]:
-        return NamedSharding(mesh, P())
+def kv_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pages [C, P, B, H] split over their head slots (C = `kv_cache_heads`), so each device holds exactly the
+    kv-heads its q-heads attend with."""
     return NamedSharding(mesh, P(TP, None, None, None))
 
 
+def logits_sharding(mesh: Mesh) -> NamedSharding:
+    """Logits [T, V] as the vocab-parallel lm_head produces them: each device its slice of the vocabulary."""
+    return NamedSharding(mesh, P(None, TP))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device: the step's inputs, the residual stream, the gathered logits and sampler outputs."""
     return NamedSharding(mesh, P())

@@ -221,7 +221,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.loading import SafetensorsSource, load_checkpoint
 from jaxllm.model_config import ModelConfig
-from jaxllm.sharding import kv_sharding, make_mesh
+from jaxllm.sharding import kv_cache_heads, kv_sharding, make_mesh
 
 fixture = sys.argv[1]
 assert len(jax.devices()) == 4, jax.devices()
@@ -261,8 +261,8 @@ t, block = len(prompt), 4
 table = np.random.default_rng(0).permutation(np.arange(1, 16))[: -(-t // block)]
 pos = np.arange(t)
 cache = KVCache.create(num_layers=config.num_layers, num_blocks=16, block_size=block,
-                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
-                       sharding=kv_sharding(mesh, config.num_kv_heads))
+                       num_kv_heads=kv_cache_heads(config.num_kv_heads, 4), head_dim=config.head_dim,
+                       dtype=jnp.float32, sharding=kv_sharding(mesh))
 metadata = AttentionMetadata(
     positions=jnp.asarray(pos, jnp.int32),
     slot_mapping=jnp.asarray(table[pos // block] * block + pos % block, jnp.int32),

@@ -58,6 +58,10 @@ def attention(
 def _attend_sharded(q, key, value, k_pages, v_pages, metadata: AttentionMetadata, mesh: Mesh, knobs: dict):
     """write_kv + ragged attention with heads split over the mesh's "tp" axis; no collective inside."""
     slots = k_pages.shape[0]  # C
+    if slots != sharding.kv_cache_heads(key.shape[1], sharding.tp_size(mesh)):
+        raise ValueError(f"the KV cache has {slots} head slots; {key.shape[1]} kv heads over tensor_parallel_size "
+                         f"{sharding.tp_size(mesh)} need sharding.kv_cache_heads(...) = "
+                         f"{sharding.kv_cache_heads(key.shape[1], sharding.tp_size(mesh))}")
     if key.shape[1] < slots:
         # Replicated kv-heads (K < tp): slot c holds kv-head c // (C / K), the one the q-heads of device c use.
         key = jnp.repeat(key, slots // key.shape[1], axis=1)  # [T, C, H]

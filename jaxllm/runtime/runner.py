@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxllm import compile_cache, distributed, sharding
 from jaxllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
@@ -41,6 +42,7 @@ class ModelRunner:
         self.mesh = sharding.make_mesh(config.tensor_parallel_size)
         self.platform = self.mesh.devices.flat[0].platform
         self._replicated = sharding.replicated(self.mesh)
+        self._vocab_split = sharding.logits_sharding(self.mesh)
         # Across hosts every process must run every step: the mesh must reach each one, and the leader says what.
         self.channel = distributed.Channel() if jax.process_count() > 1 else None
         if self.channel is not None and config.tensor_parallel_size != jax.device_count():
@@ -85,7 +87,9 @@ class ModelRunner:
     def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, layout: BatchLayout):
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
         kv_cache, logits = self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
-        # The lm_head is vocab-parallel: gather the logits so the sampler sees the whole vocabulary on every device.
+        # The lm_head is vocab-parallel: each device computes its slice of the vocabulary, then the logits (not the
+        # lm_head, which XLA would otherwise gather on small batches) are gathered so the sampler sees them whole.
+        logits = jax.lax.with_sharding_constraint(logits, self._vocab_split)
         return kv_cache, jax.lax.with_sharding_constraint(logits, self._replicated)
 
     @staticmethod
@@ -110,7 +114,7 @@ class ModelRunner:
             itemsize=jnp.dtype(self.kv_dtype).itemsize)
         budget = kv_sizing.kv_budget_bytes(self.config, device, activation_bytes=activation_bytes)
         if self.channel is not None:  # every host's cache must have the same shape: the tightest host decides
-            budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+            budget = int(np.min(multihost_utils.process_allgather(np.int32(budget >> 10)))) << 10  # KiB: i32
         return kv_sizing.plan_kv_cache(self.config, budget_bytes=budget, block_bytes=block_bytes,
                                        model_max_len=model_max_len)
 
@@ -147,33 +151,93 @@ class ModelRunner:
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
                                    all_logits=all_logits)
         step_inputs = inputs.pack(work, layout, self.config.block_size)
-        sampling, sampling_layout = transfer.pack(
-            SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_logits, vocab_size=self.vocab_size))
+        metadata = SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_logits, vocab_size=self.vocab_size)
+        sampling, sampling_layout = transfer.pack(metadata)
+        rows = _successor_rows(work, successors, layout.num_tokens, layout.num_seqs) if all_logits else ()
+        if self.channel is not None:
+            self.channel.send("step", {"layout": dataclasses.astuple(layout), "sampling": _static_fields(metadata),
+                                       "leaves": sampling_layout.leaves, "k": prompt_logprobs_k},
+                              np.concatenate([step_inputs, sampling, *rows]))
+        return _fetch(self._device_step(layout, step_inputs, sampling, sampling_layout, prompt_logprobs_k, rows))
+
+    def _device_step(self, layout: BatchLayout, step_inputs: np.ndarray, sampling: np.ndarray,
+                     sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows):
         # One transfer: the model's inputs then the sampler's. The model step gets a device-side slice so its
         # compiled shape depends on the bucket only; the sampler unpacks its part with static offsets.
-        buffer = jax.device_put(np.concatenate([step_inputs, sampling]))
+        buffer = jax.device_put(np.concatenate([step_inputs, sampling]), self._replicated)
         self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer[:step_inputs.size], layout)
         prompt = None
-        if all_logits:
-            last_rows, next_ids = _successor_rows(work, successors, layout.num_tokens, layout.num_seqs)
+        if prompt_logprobs_k is not None:
+            last_rows, next_ids = (jax.device_put(r, self._replicated) for r in rows)
             logits, prompt = self._prompt_logprobs(logits, last_rows, next_ids, prompt_logprobs_k)
-        return jax.device_get((self._sample(logits, buffer, step_inputs.size, sampling_layout), prompt))
+        return self._sample(logits, buffer, step_inputs.size, sampling_layout), prompt
+
+    def follow(self) -> None:
+        """Nodes 1.. of a multi-node run: replay the leader's device operations until it closes."""
+        assert self.channel is not None and not distributed.is_leader()
+        while True:
+            op, meta, payload = self.channel.receive()
+            if op == "step":
+                self._device_step(*self._decode_step(meta, payload))
+            elif op == "copy":
+                self.copy_blocks([tuple(pair) for pair in meta["pairs"]])
+            elif op == "close":
+                self.close()
+                return
+            else:
+                raise RuntimeError(f"unknown operation {op!r} from the leader")
+
+    def _decode_step(self, meta: dict, payload: np.ndarray):
+        layout = BatchLayout(*meta["layout"])
+        static = meta["sampling"]
+        placeholders = {f.name: 0 for f in dataclasses.fields(SamplingMetadata) if f.name not in static}
+        treedef = jax.tree_util.tree_structure(SamplingMetadata(**placeholders, **static))
+        leaves = tuple((tuple(shape), dtype) for shape, dtype in meta["leaves"])
+        sampling_layout = transfer.PackedLayout(treedef, leaves)
+        cuts = np.cumsum([inputs.buffer_size(layout), sampling_layout.size])
+        step_inputs, sampling, rest = np.split(payload, cuts)
+        rows = tuple(np.split(rest, [layout.num_seqs])) if meta["k"] is not None else ()
+        return layout, step_inputs, sampling, sampling_layout, meta["k"], rows
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs and self.channel is not None and distributed.is_leader():
+            self.channel.send("copy", {"pairs": pairs})
         self.kv_cache = block_ops.copy_blocks(self.kv_cache, pairs)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        self._check_swap(pairs)
         self.swap_space.swap_out(self.kv_cache, pairs)
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        self._check_swap(pairs)
         self.kv_cache = self.swap_space.swap_in(self.kv_cache, pairs)
+
+    def _check_swap(self, pairs) -> None:
+        # EngineConfig sets swap_space to 0 on several nodes, so preemption recomputes and this never fires.
+        assert not (pairs and self.channel is not None), "KV swapping is not supported across hosts"
 
     def close(self) -> None:
         """Free device memory now rather than whenever the garbage collector runs."""
+        if self.params is None:
+            return
+        if self.channel is not None and distributed.is_leader():
+            self.channel.send("close")
         for leaf in jax.tree_util.tree_leaves((self.params, self.kv_cache)):
             leaf.delete()
         self.params = self.kv_cache = None
         self._step = self._sample = None
+
+
+def _static_fields(metadata: SamplingMetadata) -> dict:
+    """The metadata's static (non-array) fields: with the leaf shapes they rebuild its PackedLayout elsewhere."""
+    return {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)
+            if not isinstance(getattr(metadata, f.name), np.ndarray)}
+
+
+def _fetch(tree):
+    """Device -> host. Across hosts an array spans devices this process cannot read; the outputs are replicated,
+    so this process's own copy is the whole value."""
+    return jax.device_get(jax.tree.map(lambda a: a if a.is_fully_addressable else a.addressable_data(0), tree))
 
 
 def _successor_rows(work: Sequence[inputs.SeqWork], successors: Sequence[Sequence[int]], num_tokens: int,
