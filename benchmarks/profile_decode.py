@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     runner = engine.runner
     work = [inputs.SeqWork([5], args.context + 10, list(range(1, args.context // 16 + 3))) for _ in range(args.batch)]
     layout = runner.buckets.pick(args.batch, args.batch, decode_only=True)
-    buffer = jax.device_put(inputs.pack(work, layout, runner.config.block_size))
+    replicated = jax.sharding.NamedSharding(runner.mesh, jax.sharding.PartitionSpec())
+    buffer = jax.device_put(inputs.pack(work, layout, runner.config.block_size), replicated)
 
     def model_only():
         runner.kv_cache, logits = runner._step(runner.params, runner.kv_cache, buffer, layout)

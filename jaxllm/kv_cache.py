@@ -1,7 +1,11 @@
 """The paged KV cache and the attention metadata: the contract between the runner, the models and the kernels.
 
 Legend: T tokens in the step (padded to a bucket), S sequences (padded), P physical KV blocks, B tokens per block,
-K kv-heads, N q-heads, H head_dim, L layers, M max blocks per sequence.
+K kv-head slots, N q-heads, H head_dim, L layers, M max blocks per sequence.
+
+K is the model's kv-head count, except under tensor parallelism with fewer kv-heads than devices: then each device
+keeps its own slot of the head its q-heads use, and K = `sharding.kv_cache_heads(kv_heads, tp)`. The cache is split
+over K on the "tp" mesh axis.
 
 Block 0 is reserved as the null block: padding tokens write their K/V there and padding entries of a block table
 point at it, so kernels never need a bounds check and nothing real is ever overwritten.

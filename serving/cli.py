@@ -86,9 +86,17 @@ def make_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument("--max-logprobs", type=int, default=20)
     engine.add_argument("--trust-remote-code", action="store_true")
+    multihost = p.add_argument_group("multi-host (one model over several machines; -tp counts all their devices)")
+    multihost.add_argument("--nnodes", "--num-nodes", type=int, default=1, help="hosts the model spans")
+    multihost.add_argument("--node-rank", type=int, default=0,
+                           help="0 serves HTTP and schedules; other ranks run node 0's steps")
+    multihost.add_argument("--master-addr", default=None, help="node 0's address (the jax.distributed coordinator)")
+    multihost.add_argument("--master-port", type=int, default=29501)
+    multihost.add_argument("--headless", action="store_true", help="accepted for vLLM compatibility: ranks > 0 "
+                                                                   "never serve HTTP")
     engine.add_argument("--allow-pickle", action="store_true",
                         help="allow .bin/.pt (pickle) checkpoints; refused by default, they can run code on load")
-    engine.add_argument("--attention-backend", choices=["auto", "reference", "triton", "mosaic"], default="auto")
+    engine.add_argument("--attention-backend", choices=["auto", "reference", "xla", "triton"], default="auto")
     engine.add_argument("--kv-cache-memory-bytes", type=_human_int, default=None,
                         help="fix the KV cache size instead of sizing it from free device memory")
     return p
@@ -123,7 +131,8 @@ def engine_config(args: argparse.Namespace):
         allow_pickle=args.allow_pickle, attention_backend=args.attention_backend,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_logprobs=args.max_logprobs,
         max_num_queued_reqs=args.max_num_queued_reqs,
-        served_model_name=args.served_model_name[0] if args.served_model_name else None)
+        served_model_name=args.served_model_name[0] if args.served_model_name else None,
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,11 @@ def _progress(phase: str, done: int, total: int) -> None:
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args.uvicorn_log_level)
     config = engine_config(args)
+    if config.node_rank > 0:  # a follower host: it runs node 0's steps and serves nothing
+        from jaxllm.distributed import run_worker
+
+        run_worker(config)
+        return 0
     names = args.served_model_name or [args.model or default_model_name()]
 
     def build_engine():

@@ -127,14 +127,13 @@ def test_multinode_example_is_one_consistent_jax_distributed_job():
     come from LWS, and the flags build a valid EngineConfig (the server-only flags go through its own parser)."""
     import yaml
 
-    from serving.cli import parse_args
+    from serving.cli import engine_config, parse_args
 
     docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy/multinode/leaderworkerset.yaml").read_text())}
     group = docs["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
     (leader,) = group["leaderTemplate"]["spec"]["containers"]
     (worker,) = group["workerTemplate"]["spec"]["containers"]
     lws_env = {"LWS_GROUP_SIZE": str(group["size"]), "LWS_LEADER_ADDRESS": "jaxllm-70b-0.jaxllm-70b"}
-    multinode = ("--nnodes", "--node-rank", "--master-addr", "--master-port")
 
     def flags(container, index: int) -> dict[str, str]:
         env = dict(lws_env, LWS_WORKER_INDEX=str(index), JAXLLM_API_KEY="k")
@@ -144,11 +143,9 @@ def test_multinode_example_is_one_consistent_jax_distributed_job():
     gpus = int(leader["resources"]["limits"]["nvidia.com/gpu"])
     configs = []
     for container, index in ((leader, 0), (worker, 1)):
-        f = flags(container, index)
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == gpus
-        configs.append(EngineConfig(model=f["--model"], tensor_parallel_size=int(f["--tensor-parallel-size"]),
-                                    nnodes=int(f["--nnodes"]), node_rank=int(f["--node-rank"]),
-                                    master_addr=f["--master-addr"], master_port=int(f["--master-port"])))
+        # Every container arg goes through the server's own parser, multi-node flags included.
+        configs.append(engine_config(parse_args([a for kv in flags(container, index).items() for a in kv])))
     lead, work = configs
     assert (lead.node_rank, work.node_rank) == (0, 1) and lead.nnodes == work.nnodes == group["size"]
     assert lead.tensor_parallel_size == work.tensor_parallel_size == gpus * group["size"]  # tp spans every GPU
@@ -156,9 +153,8 @@ def test_multinode_example_is_one_consistent_jax_distributed_job():
     coordinator = {p["name"]: p["containerPort"] for p in leader["ports"]}["coordinator"]
     assert lead.master_port == work.master_port == coordinator
 
-    # The leader's other flags are the server's; the worker serves no HTTP and has no port or key.
-    server_args = [a for k, v in flags(leader, 0).items() if k not in multinode for a in (k, v)]
-    args = parse_args(server_args)
+    # The worker serves no HTTP and has no port or key.
+    args = parse_args([a for kv in flags(leader, 0).items() for a in kv])
     assert args.port == {p["name"]: p["containerPort"] for p in leader["ports"]}["http"] and args.host == "0.0.0.0"
     assert "--port" not in flags(worker, 1) and "--api-key" not in flags(worker, 1)
     assert docs["Service"]["spec"]["selector"]["role"] == group["leaderTemplate"]["metadata"]["labels"]["role"]
