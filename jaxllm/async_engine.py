@@ -88,6 +88,9 @@ class AsyncLLMEngine:
         request = self.engine.process_request(request_id, prompt, sampling_params, cache_salt=cache_salt)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
+        if self.errored is not None:  # the loop died after the check above and may have missed this stream
+            self._streams.pop(request_id, None)
+            raise EngineDeadError("the engine is not running")
         self._send(("add", request))
         finished = False
         try:
@@ -104,6 +107,7 @@ class AsyncLLMEngine:
                 self._send(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream, if still being read, ends with a finished output (finish_reason "abort")."""
         self._send(("abort", request_id))
 
     async def shutdown(self) -> None:
@@ -126,7 +130,10 @@ class AsyncLLMEngine:
                 if payload.request_id in self._streams:  # not abandoned before it reached the loop
                     self.engine.add_processed_request(payload)
             else:
-                self.engine.abort_request(payload)
+                for output in self.engine.abort_request(payload):
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:  # aborted through abort() while its stream is still read: end it
+                        stream.put(output)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -152,6 +159,9 @@ class AsyncLLMEngine:
     def _fail_all(self, error: BaseException | None) -> None:
         self.errored = error or EngineDeadError("the engine was shut down")
         failure = EngineStepError(f"engine step failed: {type(error).__name__}") if error else self.errored
+        try:  # before the streams hear of it, so a client that sees the error sees the blocks freed
+            self.engine.abort_all()
+        except Exception:  # noqa: BLE001 - the streams must be failed whatever state the engine is in
+            logger.exception("aborting the requests of a failed engine failed")
         for stream in list(self._streams.values()):
             stream.put(failure)
-        self.engine.abort_all()

@@ -126,13 +126,20 @@ class LLMEngine:
         digest = hashlib.sha256(f"{self.config.seed}:{next(self._request_counter)}".encode()).digest()
         return int.from_bytes(digest[:8], "little")
 
-    def abort_request(self, request_ids: str | list[str]) -> None:
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        """Abort the requests wherever they are and free their blocks. Returns the final output (finished,
+        finish_reason "abort") of each one that was still unfinished; unknown or finished ids are ignored."""
+        aborted = []
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             group = self.scheduler.abort(request_id)
-            self._prompt_logprobs.pop(request_id, None)
+            prompt_logprobs = self._prompt_logprobs.pop(request_id, None)
             if group is not None:
                 self._forget_rows(group)
-                self.outputs.forget(request_id, len(group.seqs))
+                output = self.outputs.request_output(group)  # finished, so it also forgets the samples' state
+                if group.params.prompt_logprobs is not None:
+                    output.prompt_logprobs = prompt_logprobs
+                aborted.append(output)
+        return aborted
 
     def abort_all(self) -> None:
         self.abort_request(self.scheduler.request_ids())

@@ -37,10 +37,10 @@ class LLM:
         """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.llm_engine.tokenizer
-        prompts = [{"prompt_token_ids": tokenizer.encode(
-            tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
-                                          chat_template=chat_template), add_special_tokens=False)}
-                   for c in conversations]
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                               chat_template=chat_template) for c in conversations]
+        # The template writes the special tokens itself; outputs carry the rendered text as their prompt (vLLM).
+        prompts = [{"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self._run(prompts, _per_prompt(sampling_params, len(prompts)), use_tqdm)
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
@@ -55,12 +55,16 @@ class LLM:
             engine.abort_request(added)
             raise
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2) as bar:
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2) as bar:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update(1)
+        except BaseException:  # a failed step or a KeyboardInterrupt (notebooks) must not leave requests queued
+            engine.abort_request([i for i in ids if i not in finished])
+            raise
         return [finished[i] for i in ids]
 
     def close(self) -> None:

@@ -51,7 +51,11 @@ class OutputProcessor:
                 state.logprobs.append(self.logprob_entry(logprobs, ranks))
         if self.tokenizer is None:  # skip_tokenizer_init: token ids only
             return None
-        state.detok, delta = detokenize_step(self.tokenizer, state.detok, [token_id],
+        # As vLLM: the token that stopped the sequence (EOS or one of stop_token_ids; stop_reason is then not a
+        # string) is in token_ids but not in the text, unless include_stop_str_in_output.
+        stopped_by_token = (seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+                            and not params.include_stop_str_in_output)
+        state.detok, delta = detokenize_step(self.tokenizer, state.detok, [] if stopped_by_token else [token_id],
                                              skip_special_tokens=params.skip_special_tokens,
                                              finished=seq.is_finished)
         state.text += delta

@@ -13,7 +13,7 @@ def llm(tiny_llm):
     return tiny_llm("llama3", enable_prefix_caching=False)
 
 
-def _mixed_prompts(llm, count: int = 64):
+def _mixed_prompts(count: int = 64):
     rng = np.random.default_rng(64)
     prompts, params = [], []
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly zebras".split()
@@ -28,7 +28,7 @@ def _mixed_prompts(llm, count: int = 64):
 
 
 def test_64_mixed_prompts_in_one_call_equal_each_alone(llm):
-    prompts, params = _mixed_prompts(llm)
+    prompts, params = _mixed_prompts()
     batched = llm.generate(prompts, params, use_tqdm=False)
     assert len(batched) == 64
     tokenizer = llm.get_tokenizer()

@@ -151,7 +151,7 @@ class ModelRunner:
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
                                    all_logits=all_logits)
         step_inputs = inputs.pack(work, layout, self.config.block_size)
-        metadata = SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_logits, vocab_size=self.vocab_size)
+        metadata = SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
         sampling, sampling_layout = transfer.pack(metadata)
         rows = _successor_rows(work, successors, layout.num_tokens, layout.num_seqs) if all_logits else ()
         if self.channel is not None:
