@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (the baseline)")
     parser.add_argument("--cases", default="1x32,1x1024,1x8192,64x1024,256x1024", help="batch x context, ...")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
@@ -60,7 +61,8 @@ def main(argv=None) -> dict:
     engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                     enforce_eager=True, skip_tokenizer_init=True, max_model_len=16384,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                    attention_backend=args.attention_backend))
+                                    attention_backend=args.attention_backend,
+                                    async_scheduling=not args.no_async_scheduling))
     print(f"start-up (load + KV allocation, no compile): {time.perf_counter() - start:.1f} s")
     mc = engine.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.runner.params))

@@ -51,8 +51,7 @@ def main(argv=None) -> None:
     buffer = jax.device_put(inputs.pack(work, layout, runner.config.block_size), replicated)
 
     def model_only():
-        runner.kv_cache, logits = runner._step(runner.params, runner.kv_cache, buffer, layout)
-        logits.block_until_ready()
+        runner.forward(buffer, layout).block_until_ready()
 
     model_ms = _median_ms(model_only)
     print(f"batch {args.batch} ctx {args.context}: engine.step {step_ms:.2f} ms, jitted model step alone "

@@ -38,6 +38,7 @@ class EngineConfig:
     max_logprobs: int = 20
     max_num_queued_reqs: int | None = None
     served_model_name: str | None = None
+    async_scheduling: bool = True  # dispatch step N + 1 before reading step N's tokens (off: one step at a time)
     skip_tokenizer_init: bool = False  # token ids in and out, no text (benchmarks on config-only dummy models)
     # Multi-host (vLLM's multi-node flags): one model over the devices of `nnodes` hosts through jax.distributed;
     # node 0 schedules, nodes 1.. run its steps (jaxllm.distributed). tensor_parallel_size spans all hosts.

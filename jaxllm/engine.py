@@ -16,7 +16,7 @@ from jaxllm.default_model import default_model_name, default_model_path
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.progress import TqdmProgress
-from jaxllm.runtime.inputs import SeqWork
+from jaxllm.runtime.inputs import SeqWork, feed
 from jaxllm.runtime.runner import ModelRunner
 from jaxllm.runtime.sampling_metadata import RowConstants, SamplingRow
 from jaxllm.sampling_params import SamplingParams
@@ -43,6 +43,15 @@ class ProcessedRequest:
     params: SamplingParams
     arrival_time: float
     cache_salt: str | None = None
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose tokens have not been read back yet."""
+
+    batch: SchedulerOutput
+    pending: object  # ModelRunner.dispatch's handle
+    ran_ahead: bool = False  # its sampling sequences got run-ahead placeholders and a next step was dispatched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,7 @@ class LLMEngine:
         self._finished_total: dict[str, int] = {}
         self._prompt_logprobs: dict[str, list] = {}  # request id -> prompt logprobs recorded so far
         self._row_constants: dict[tuple[str, int], RowConstants] = {}  # (request id, sample) -> sampling constants
+        self._in_flight: _InFlight | None = None  # the step dispatched ahead, if any
 
     def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
                         arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
@@ -149,39 +159,66 @@ class LLMEngine:
             self._row_constants.pop((group.request_id, seq.sample_index), None)
 
     def has_unfinished_requests(self) -> bool:
+        # A step dispatched ahead for requests that have all finished since is left for the next step() or close()
+        # to collect: its results are discarded, and waiting for it would only delay the last output.
         return self.scheduler.has_unfinished()
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. With run-ahead (the default), step N + 1 is scheduled and dispatched before step N's
+        tokens are read back, so the host's work (reading tokens, detokenizing, scheduling, packing) overlaps the
+        device's instead of leaving it idle."""
+        current = self._in_flight or self._dispatch_next(previous=None)
+        self._in_flight = None
+        if current is None:
+            return self._finished_outputs(self.scheduler.take_finished())
+        if self._can_run_ahead(current.batch):
+            self.scheduler.run_ahead(current.batch)
+            current.ran_ahead = True
+            self._in_flight = self._dispatch_next(previous=current.batch)
+        sampled, prompt_logprobs = self.runner.fetch(current.pending)
+        if prompt_logprobs is not None:
+            self._record_prompt_logprobs(current.batch, prompt_logprobs)
+        tokens = [int(t) for t in sampled.token_ids[:current.batch.num_seqs]]
+        updated = self.scheduler.update(current.batch, tokens, ran_ahead=current.ran_ahead)
+        return self._process_outputs(current.batch, sampled, set(map(id, updated)))
+
+    def _can_run_ahead(self, batch: SchedulerOutput) -> bool:
+        # Penalties read the token history on the host side of the sampler, so they need the real last token.
+        return self.config.async_scheduling and not any(
+            s.do_sample and (s.seq.group.params.presence_penalty or s.seq.group.params.frequency_penalty
+                             or s.seq.group.params.repetition_penalty != 1) for s in batch.scheduled)
+
+    def _dispatch_next(self, previous: SchedulerOutput | None) -> "_InFlight | None":
         batch = self.scheduler.schedule()
         self.runner.swap_out(list(batch.blocks_to_swap_out))
         self.runner.swap_in(list(batch.blocks_to_swap_in))
         self.runner.copy_blocks(list(batch.blocks_to_copy))
         if not batch.scheduled:
-            return self._finished_outputs(self.scheduler.take_finished())
+            return None
         now = time.time()
         for s in batch.scheduled:
             if s.seq.group.metrics.first_scheduled_time is None:
                 s.seq.group.metrics.first_scheduled_time = now
                 s.seq.group.metrics.time_in_queue = now - s.seq.group.metrics.arrival_time
                 self._prompt_tokens_total += s.seq.group.num_prompt_tokens
-        sampled, prompt_logprobs = self._execute(batch)
-        if prompt_logprobs is not None:
-            self._record_prompt_logprobs(batch, prompt_logprobs)
-        self.scheduler.update(batch, [int(t) for t in sampled.token_ids[:batch.num_seqs]])
-        return self._process_outputs(batch, sampled)
+        return _InFlight(batch, self._dispatch(batch, previous))
 
-    def _execute(self, batch: SchedulerOutput):
-        work = [SeqWork(s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
-        rows = [self._sampling_row(s) for s in batch.scheduled]
+    def _dispatch(self, batch: SchedulerOutput, previous: SchedulerOutput | None):
+        rows = {id(s.seq): i for i, s in enumerate(previous.scheduled)} if previous else {}
+        # A run-ahead placeholder (-1, the last token of a sequence that sampled in `previous`) becomes a reference
+        # to that sequence's row of the previous step's device-side result.
+        work = [SeqWork([feed(rows[id(s.seq)]) if t < 0 else t for t in s.token_ids], s.start_pos, s.block_table)
+                for s in batch.scheduled]
+        sampling = [self._sampling_row(s) for s in batch.scheduled]
         wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if _needs_prompt_logprobs(s)]
         if not wanted:
-            return self.runner.execute(work, rows)
+            return self.runner.dispatch(work, sampling)
         successors = [[s.seq.token_ids[p + 1] if p + 1 < s.seq.num_prompt_tokens else 0
                        for p in range(s.start_pos, s.seq_len)] for s in batch.scheduled]
-        return self.runner.execute(work, rows, prompt_logprobs_k=max(wanted), successors=successors)
+        return self.runner.dispatch(work, sampling, prompt_logprobs_k=max(wanted), successors=successors)
 
     def _sampling_row(self, s) -> SamplingRow:
         seq = s.seq
@@ -200,12 +237,13 @@ class LLMEngine:
                            seed=seq.group.seed, sample_index=seq.sample_index, position=s.seq_len,
                            constants=constants, num_output_tokens=seq.num_output_tokens)
 
-    def _process_outputs(self, batch: SchedulerOutput, sampled) -> list[RequestOutput]:
+    def _process_outputs(self, batch: SchedulerOutput, sampled, updated: set[int]) -> list[RequestOutput]:
+        """`updated`: ids of the sequences that took this step's token (not aborted or stopped meanwhile)."""
         now = time.time()
         groups: dict[str, SequenceGroup] = {}
         logprobs = getattr(sampled, "logprobs", None)
         for row, s in enumerate(batch.scheduled):
-            if not s.do_sample:
+            if not s.do_sample or id(s.seq) not in updated:
                 continue
             seq, group = s.seq, s.seq.group
             groups[group.request_id] = group
@@ -213,7 +251,7 @@ class LLMEngine:
                 group.metrics.first_token_time = now
             group.metrics.last_token_time = now
             self._generation_tokens_total += 1
-            token = seq.output_token_ids[-1]
+            token = seq.token_ids[s.seq_len]
             entry = self._row_logprobs(logprobs, row, token, group.params.logprobs)
             matched = self.outputs.append(seq, token, *entry)
             if matched is not None and not seq.is_finished:
@@ -276,6 +314,9 @@ class LLMEngine:
             request_success_total=dict(self._finished_total))
 
     def close(self) -> None:
+        if self._in_flight is not None:  # let the device finish before its buffers are freed
+            self.runner.fetch(self._in_flight.pending)
+            self._in_flight = None
         self.runner.close()
 
 

@@ -131,7 +131,7 @@ def test_step_failure_fails_every_stream_and_marks_the_engine_dead():
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected device failure")
-    engine.engine.runner.execute = broken
+    engine.engine.runner.dispatch = broken
 
     async def main():
         results = await asyncio.gather(

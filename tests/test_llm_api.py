@@ -96,14 +96,14 @@ def test_an_interrupted_generate_leaves_nothing_queued(tiny_llm, monkeypatch):
     llm = tiny_llm("llama3")
     engine = llm.llm_engine
     free = engine.block_manager.num_free_blocks
-    execute, calls = engine.runner.execute, []
+    dispatch, calls = engine.runner.dispatch, []
 
     def interrupted_on_third_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return execute(*args, **kwargs)
-    monkeypatch.setattr(engine.runner, "execute", interrupted_on_third_step)
+        return dispatch(*args, **kwargs)
+    monkeypatch.setattr(engine.runner, "dispatch", interrupted_on_third_step)
     prompts = [{"prompt_token_ids": list(range(10 + i, 60 + i))} for i in range(4)]
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, GREEDY, use_tqdm=False)

@@ -29,7 +29,6 @@ CHILD = r"""
 import json, re, sys
 import jax, numpy as np
 from jaxllm import LLM, SamplingParams
-from jaxllm.runtime import inputs
 from jaxllm.runtime.buckets import BatchLayout
 
 fixture, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
@@ -64,8 +63,7 @@ for tp in (1, 2, 4, 8):
           "shard_nbytes": sorted({s.data.nbytes for s in k0.addressable_shards}),
           "devices": sorted(s.device.id for s in k0.addressable_shards)}
     layout = BatchLayout(16, 8, 16, False)
-    hlo = runner._step.lower(runner.params, runner.kv_cache, inputs.abstract_buffer(layout),
-                             layout).compile().as_text()
+    hlo = runner.lower_step(layout).compile().as_text()
     collectives = re.findall(r"= (\S+) (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
                              r"(?:-start)?\(", hlo)
     report[tp] = {"tokens": tokens, "params": params, "kv": kv, "collectives": collectives, "in_place": in_place}

@@ -11,6 +11,11 @@ from jaxllm.kv_cache import NULL_BLOCK, AttentionMetadata
 from jaxllm.runtime.buckets import BatchLayout
 
 
+def feed(row: int) -> int:
+    """The token id that stands for "the token the previous step sampled in `row`" (resolved on device)."""
+    return -(row + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SeqWork:
     """One sequence's share of a step: the tokens it computes now and where its KV lives."""

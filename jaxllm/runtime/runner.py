@@ -56,9 +56,11 @@ class ModelRunner:
         progress("loading weights", 1, 1)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
-        self._step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), out_shardings=self._replicated)
+        self._step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3, 4), out_shardings=self._replicated)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), out_shardings=self._replicated)
+        # The previous step's sampled ids (padded to max_num_seqs), fed on device to a step dispatched ahead.
+        self._last_tokens = jax.device_put(np.zeros(config.max_num_seqs, np.int32), self._replicated)
         self.kv_plan = self._plan_kv_cache()
         logger.info(self.kv_plan.describe())
         self.kv_cache = KVCache.create(
@@ -84,8 +86,12 @@ class ModelRunner:
     def kv_cache_heads(self) -> int:
         return sharding.kv_cache_heads(self.model_config.num_kv_heads, self.config.tensor_parallel_size)
 
-    def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, layout: BatchLayout):
+    def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, last_tokens: jax.Array, layout: BatchLayout):
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
+        # Run-ahead: a token id -(r + 1) stands for the token sampled in row r of the previous step, which the host
+        # has not seen yet (`inputs.feed`), so step N + 1 is dispatched while step N still runs.
+        fed = last_tokens[jnp.clip(-token_ids - 1, 0, last_tokens.shape[0] - 1)]
+        token_ids = jnp.where(token_ids < 0, fed, token_ids)
         kv_cache, logits = self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
         # The lm_head is vocab-parallel: each device computes its slice of the vocabulary, then the logits (not the
         # lm_head, which XLA would otherwise gather on small batches) are gathered so the sampler sees them whole.
@@ -93,8 +99,10 @@ class ModelRunner:
         return kv_cache, jax.lax.with_sharding_constraint(logits, self._replicated)
 
     @staticmethod
-    def _sample_fn(logits: jax.Array, buffer: jax.Array, offset: int, layout: transfer.PackedLayout):
-        return sample(logits, transfer.unpack(buffer, layout, offset))
+    def _sample_fn(logits: jax.Array, buffer: jax.Array, offset: int, layout: transfer.PackedLayout, rows: int):
+        out = sample(logits, transfer.unpack(buffer, layout, offset))
+        # The sampled ids again, padded to a fixed size: the next step's `last_tokens`, so it compiles once.
+        return out, jnp.zeros((rows,), jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
 
     @staticmethod
     def _prompt_logprobs_fn(logits: jax.Array, rows: jax.Array, next_ids: jax.Array, k: int):
@@ -127,7 +135,7 @@ class ModelRunner:
         page = jax.ShapeDtypeStruct((self.kv_cache_heads, 2, self.config.block_size, mc.head_dim), self.kv_dtype,
                                     sharding=sharding.kv_sharding(self.mesh))
         cache = KVCache(k=(page,) * mc.num_layers, v=(page,) * mc.num_layers)
-        compiled = self._step.lower(self.params, cache, inputs.abstract_buffer(layout), layout).compile()
+        compiled = self.lower_step(layout, cache).compile()
         analysis = compiled.memory_analysis()
         return int(analysis.temp_size_in_bytes) + layout.num_logits * mc.vocab_size * 4 * 4 if analysis else 0
 
@@ -135,17 +143,39 @@ class ModelRunner:
         layouts = self.buckets.layouts()
         for i, layout in enumerate(layouts):
             progress("compiling buckets", i, len(layouts))
-            self._step.lower(self.params, self.kv_cache, inputs.abstract_buffer(layout), layout).compile()
+            self.lower_step(layout).compile()
         progress("compiling buckets", len(layouts), len(layouts))
+
+    def lower_step(self, layout: BatchLayout, kv_cache: KVCache | None = None):
+        """The model step for one layout, lowered (compile it, or read its HLO)."""
+        return self._step.lower(self.params, self.kv_cache if kv_cache is None else kv_cache,
+                                inputs.abstract_buffer(layout), self._last_tokens, layout)
+
+    def forward(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
+        """The model step alone on packed inputs (no sampling): updates the cache, returns the logits."""
+        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens, layout)
+        return logits
 
     def execute(self, work: Sequence[inputs.SeqWork], sampling_rows: Sequence, *,
                 prompt_logprobs_k: int | None = None,
                 successors: Sequence[Sequence[int]] = ()) -> tuple[SamplerOutput, Logprobs | None]:
-        """Run one step. Returns the sampler's host-side output, one row per entry of `work` (rows of sequences
-        whose logits are not needed are computed on padding and ignored by the caller), and, when
-        prompt_logprobs_k is given, for every token row the logprob and rank of `successors[s][i]` (the token
-        after work[s].token_ids[i]) with the top-k alternatives; rows the caller has no successor for are
-        garbage it skips."""
+        """Run one step and wait for it: `fetch(dispatch(...))`."""
+        return self.fetch(self.dispatch(work, sampling_rows, prompt_logprobs_k=prompt_logprobs_k,
+                                        successors=successors))
+
+    @staticmethod
+    def fetch(pending) -> tuple[SamplerOutput, Logprobs | None]:
+        """Wait for a dispatched step and bring its outputs to the host."""
+        return _fetch(pending)
+
+    def dispatch(self, work: Sequence[inputs.SeqWork], sampling_rows: Sequence, *,
+                 prompt_logprobs_k: int | None = None, successors: Sequence[Sequence[int]] = ()):
+        """Start one step on the device and return at once; `fetch` gives the sampler's host-side output, one row
+        per entry of `work` (rows of sequences whose logits are not needed are computed on padding and ignored by
+        the caller), and, when prompt_logprobs_k is given, for every token row the logprob and rank of
+        `successors[s][i]` (the token after work[s].token_ids[i]) with the top-k alternatives; rows the caller
+        has no successor for are garbage it skips. Token ids may be `inputs.feed(row)` placeholders for tokens the
+        previous step samples."""
         decode_only = all(len(w.token_ids) == 1 for w in work)
         all_logits = prompt_logprobs_k is not None
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
@@ -158,19 +188,22 @@ class ModelRunner:
             self.channel.send("step", {"layout": dataclasses.astuple(layout), "sampling": _static_fields(metadata),
                                        "leaves": sampling_layout.leaves, "k": prompt_logprobs_k},
                               np.concatenate([step_inputs, sampling, *rows]))
-        return _fetch(self._device_step(layout, step_inputs, sampling, sampling_layout, prompt_logprobs_k, rows))
+        return self._device_step(layout, step_inputs, sampling, sampling_layout, prompt_logprobs_k, rows)
 
     def _device_step(self, layout: BatchLayout, step_inputs: np.ndarray, sampling: np.ndarray,
                      sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows):
         # One transfer: the model's inputs then the sampler's. The model step gets a device-side slice so its
         # compiled shape depends on the bucket only; the sampler unpacks its part with static offsets.
         buffer = jax.device_put(np.concatenate([step_inputs, sampling]), self._replicated)
-        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer[:step_inputs.size], layout)
+        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer[:step_inputs.size], self._last_tokens,
+                                           layout)
         prompt = None
         if prompt_logprobs_k is not None:
             last_rows, next_ids = (jax.device_put(r, self._replicated) for r in rows)
             logits, prompt = self._prompt_logprobs(logits, last_rows, next_ids, prompt_logprobs_k)
-        return self._sample(logits, buffer, step_inputs.size, sampling_layout), prompt
+        sampled, self._last_tokens = self._sample(logits, buffer, step_inputs.size, sampling_layout,
+                                                  self._last_tokens.shape[0])
+        return sampled, prompt
 
     def follow(self) -> None:
         """Nodes 1.. of a multi-node run: replay the leader's device operations until it closes."""

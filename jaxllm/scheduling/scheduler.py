@@ -148,20 +148,35 @@ class Scheduler:
                     break
             self._finished.append(group)
 
-    def update(self, output: SchedulerOutput, sampled_token_ids) -> list[Sequence]:
+    def run_ahead(self, output: SchedulerOutput) -> None:
+        """Let the next schedule() run before `output`'s tokens are known: each sequence sampling in `output`
+        gets a placeholder token (-1) that update(..., ran_ahead=True) later replaces. The next step computes the
+        placeholder from the device-side result; a sequence whose length limit ends it with this token is not
+        scheduled again, and one that stops otherwise (EOS, stop string) has its extra step discarded."""
+        for item in output.scheduled:
+            if item.do_sample and item.seq.status is SequenceStatus.RUNNING:
+                item.seq.token_ids.append(-1)
+
+    def update(self, output: SchedulerOutput, sampled_token_ids, *, ran_ahead: bool = False) -> list[Sequence]:
         """Record a step: one sampled token per entry of output.scheduled (ignored where do_sample is False).
-        Appends tokens, checks EOS / stop_token_ids / min_tokens / max_tokens / max_model_len and frees finished
-        sequences. Returns the sequences that received a token, in order (check seq.status for finished)."""
+        Appends tokens (or fills the placeholders of run_ahead), checks EOS / stop_token_ids / min_tokens /
+        max_tokens / max_model_len and frees finished sequences. Returns the sequences that received a token, in
+        order (check seq.status for finished)."""
         if len(sampled_token_ids) != len(output.scheduled):
             raise ValueError(f"expected {len(output.scheduled)} sampled tokens, got {len(sampled_token_ids)}.")
         updated = []
         for item, token in zip(output.scheduled, sampled_token_ids):
             seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
+            if seq.is_finished:  # aborted (or stopped) while the step ran
                 continue
-            self.block_manager.register_computed(seq)
             if item.do_sample:
-                seq.token_ids.append(int(token))
+                if ran_ahead:  # the sequence may have been preempted since; its placeholder is filled all the same
+                    seq.token_ids[item.seq_len] = int(token)
+                else:
+                    seq.token_ids.append(int(token))
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.register_computed(seq)
+            if item.do_sample:
                 updated.append(seq)
                 stop = self._check_stop(seq)
                 if stop is not None:
@@ -211,10 +226,11 @@ class Scheduler:
             self.block_manager.fork(leader, child)
             group.seqs.append(child)
 
-    @staticmethod
-    def _plan(seqs: list[Sequence], budget: int) -> tuple[dict[Sequence, int], int]:
-        """Tokens per sequence: decodes (one token left) first, then prompt chunks in order, within budget."""
-        left = [s.num_uncomputed_tokens for s in seqs]
+    def _plan(self, seqs: list[Sequence], budget: int) -> tuple[dict[Sequence, int], int]:
+        """Tokens per sequence: decodes (one token left) first, then prompt chunks in order, within budget.
+        A sequence whose pending (run-ahead) token is its last by length computes nothing more."""
+        left = [0 if s.num_output_tokens >= s.group.max_tokens or s.num_tokens >= self.max_model_len
+                else s.num_uncomputed_tokens for s in seqs]
         plan = {}
         for seq, n in zip(seqs, left):
             if n == 1 and budget > 0:
