@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (the baseline)")
     parser.add_argument("--cases", default="1x32,1x1024,1x8192,64x1024,256x1024", help="batch x context, ...")
     parser.add_argument("--output-json", default=None)
@@ -62,7 +63,8 @@ def main(argv=None) -> dict:
                                     enforce_eager=True, skip_tokenizer_init=True, max_model_len=16384,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                     attention_backend=args.attention_backend,
-                                    async_scheduling=not args.no_async_scheduling))
+                                    async_scheduling=not args.no_async_scheduling,
+                                    tensor_parallel_size=args.tensor_parallel_size))
     print(f"start-up (load + KV allocation, no compile): {time.perf_counter() - start:.1f} s")
     mc = engine.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.runner.params))
@@ -73,11 +75,13 @@ def main(argv=None) -> dict:
     for batch, context in cases:
         run_batch(engine, batch=batch, context=context, decode_steps=4, seed=1)  # compile and warm up these shapes
         r = run_batch(engine, batch=batch, context=context, decode_steps=args.decode_steps)
-        floor = (weight_bytes + batch * context * kv_bytes_per_token) / bandwidth
+        # Per GPU under tensor parallelism (each reads 1/tp of the weights and KV); all-reduces not included.
+        tp = args.tensor_parallel_size
+        floor = (weight_bytes + batch * context * kv_bytes_per_token) / (tp * bandwidth)
         r["decode_roofline_s"] = floor
         r["decode_ratio"] = r["decode_step_s"] / floor
         if batch == 1:
-            r["ttft_roofline_s"] = context * flops_per_token / flops
+            r["ttft_roofline_s"] = context * flops_per_token / (tp * flops)
             r["ttft_ratio"] = r["ttft_s"] / r["ttft_roofline_s"]
         rows.append(r)
         print(f"batch {batch:4d} ctx {context:5d}: decode step {r['decode_step_s'] * 1e3:7.2f} ms "
