@@ -11,6 +11,8 @@ Legend: T tokens, S sequences, N q-heads, K kv-heads, G = N // K, H head_dim, B 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.positions import token_positions
+
 
 def ragged_paged_attention_chunked(
     q: jax.Array,  # [T, N, H]
@@ -28,7 +30,7 @@ def ragged_paged_attention_chunked(
 ) -> jax.Array:  # [T, N, H]
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
-    num_seqs, pages_per_seq = block_tables.shape
+    pages_per_seq = block_tables.shape[1]
     group = num_q_heads // num_kv_heads
     pages_per_chunk = max(1, min(pages_per_seq, chunk_positions // page_size))
     chunk = pages_per_chunk * page_size
@@ -36,11 +38,7 @@ def ragged_paged_attention_chunked(
     # Pad the tables to whole chunks with page 0 (the null page); those positions are masked as > the query's.
     tables = jnp.pad(block_tables, ((0, 0), (0, num_chunks * pages_per_chunk - pages_per_seq)))
 
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], token, side="right"), num_seqs - 1)
-    q_len = query_start_loc[seq + 1] - query_start_loc[seq]
-    q_pos = seq_lens[seq] - q_len + (token - query_start_loc[seq])  # [T]
-    is_real = token < query_start_loc[-1]
+    seq, q_pos, is_real = token_positions(seq_lens, query_start_loc, num_tokens)
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [C]
 
     def attend(args):

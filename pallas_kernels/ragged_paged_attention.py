@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import REFERENCE, XLA, resolve_backend
 from pallas_kernels.chunked_attention import ragged_paged_attention_chunked
+from pallas_kernels.positions import token_positions
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig, ragged_attention_triton
 
@@ -48,21 +49,18 @@ def ragged_paged_attention_reference(
     soft_cap: float | None = None,
     token_chunk: int = 64,
 ) -> jax.Array:  # [T, N, H]
-    """Pure-jnp reference, also the CPU serving path: gathers each token's context from the pages.
+    """Pure-jnp reference, the oracle of the kernel tests: gathers each token's whole block-table width of context
+    from the pages (the chunked XLA path in chunked_attention.py is the CPU serving path).
 
     Tokens are processed in chunks of `token_chunk` so the gathered context stays bounded in memory.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
-    num_seqs, pages_per_seq = block_tables.shape
+    pages_per_seq = block_tables.shape[1]
     group = num_q_heads // num_kv_heads
     context = pages_per_seq * page_size
 
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], token, side="right"), num_seqs - 1)
-    q_len = query_start_loc[seq + 1] - query_start_loc[seq]
-    q_pos = seq_lens[seq] - q_len + (token - query_start_loc[seq])  # [T]
-    is_real = token < query_start_loc[-1]
+    seq, q_pos, is_real = token_positions(seq_lens, query_start_loc, num_tokens)
 
     k_flat = k_pages.reshape(num_kv_heads, -1, head_dim)
     v_flat = v_pages.reshape(num_kv_heads, -1, head_dim)
