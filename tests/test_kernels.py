@@ -152,3 +152,13 @@ def test_write_kv_writes_only_its_slots():
     untouched = np.setdiff1d(np.arange(flat_k.shape[1]), np.asarray(slots))
     old = np.asarray(batch.k_pages).reshape(2, -1, 64)
     np.testing.assert_array_equal(flat_k[:, untouched], old[:, untouched])
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens,n,k,h,b,window,cap,config", RAGGED_CASES)
+def test_chunked_xla_path_matches_reference(q_lens, ctx_lens, n, k, h, b, window, cap, config):
+    """The CPU serving path (backend "xla": walks each token's real context in chunks) on the same cases."""
+    batch = make_ragged_batch(q_lens, ctx_lens, num_q_heads=n, num_kv_heads=k, head_dim=h, page_size=b,
+                              pad_tokens=3, pad_seqs=1, seed=len(q_lens) + h + 1)
+    knobs = dict(scale=h ** -0.5, sliding_window=window, soft_cap=cap)
+    ref = ragged_paged_attention(*batch.args, **knobs, backend="reference")
+    _compare(batch, ragged_paged_attention(*batch.args, **knobs, backend="xla"), ref)
