@@ -29,10 +29,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--trace-dir", default=None)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     args = parser.parse_args(argv)
 
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", enforce_eager=True,
-                                    skip_tokenizer_init=True, max_model_len=4096))
+                                    skip_tokenizer_init=True, max_model_len=4096,
+                                    tensor_parallel_size=args.tensor_parallel_size))
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
     for i in range(args.batch):
