@@ -50,7 +50,7 @@ class ModelRunner:
                              f"of all {jax.process_count()} nodes ({jax.device_count()}) in a multi-node run")
         progress("loading weights", 0, 1)
         self.model, self.params, self.model_config = load_model(
-            model_path, dtype=_resolve_dtype(config.dtype, self.platform), load_format=config.load_format,
+            model_path, dtype=_canonical_dtype(config.dtype), load_format=config.load_format,
             mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
             attention_backend=config.attention_backend)
         progress("loading weights", 1, 1)
@@ -287,6 +287,7 @@ def _successor_rows(work: Sequence[inputs.SeqWork], successors: Sequence[Sequenc
     return last_rows, next_ids
 
 
-def _resolve_dtype(dtype: str, platform: str) -> str:
+def _canonical_dtype(dtype: str) -> str:
+    """vLLM's dtype spellings -> the loader's ("auto" stays: the checkpoint's own dtype)."""
     aliases = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
     return aliases.get(dtype, dtype)
