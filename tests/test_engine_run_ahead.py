@@ -56,3 +56,17 @@ def test_a_step_dispatched_past_a_stop_is_discarded_by_the_next_generate(tiny_ll
     again = llm.generate(prompt, params, use_tqdm=False)[0]
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_usable_blocks
+
+
+def test_aborting_while_a_step_runs_ahead_reports_only_real_tokens(tiny_llm):
+    engine = tiny_llm("llama3").llm_engine
+    engine.add_request("a", {"prompt_token_ids": list(range(30, 50))},
+                       SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    while not engine.step():  # until the first token comes back
+        pass
+    engine.step()
+    assert engine._in_flight is not None  # the next token is being computed right now
+    (final,) = engine.abort_request("a")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert len(final.outputs[0].token_ids) == 2 and min(final.outputs[0].token_ids) >= 0
+    assert engine.step() == [] and not engine.has_unfinished_requests()

@@ -130,6 +130,8 @@ class Scheduler:
             if not seq.is_finished:
                 self.block_manager.free(seq)  # before the status changes: free() reads SWAPPED
                 seq.status = SequenceStatus.FINISHED_ABORTED
+                if seq.token_ids[-1] < 0:  # a run-ahead placeholder whose token will never be read
+                    seq.token_ids.pop()
         return group
 
     def finish(self, seq: Sequence, status: SequenceStatus = SequenceStatus.FINISHED_STOPPED,
