@@ -1,13 +1,15 @@
 """LLMEngine: add_request / step / abort_request over the scheduler, the model runner and the output processor.
 
-One step: Scheduler.schedule() -> block copies and swaps -> ModelRunner.execute() (model + on-device sampler) ->
-Scheduler.update() with the sampled ids -> detokenize, stop strings -> RequestOutputs of the requests that moved.
+One step: Scheduler.schedule() -> block copies and swaps -> ModelRunner.dispatch() (model + on-device sampler) ->
+ModelRunner.fetch() of the sampled ids -> Scheduler.update() -> detokenize, stop strings -> RequestOutputs of the
+requests that moved. With run-ahead, the next step is dispatched before this one's ids are fetched.
 """
 
 import dataclasses
 import hashlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -74,8 +76,15 @@ class LLMEngine:
         self.config = config
         model_path = config.model or default_model_path()
         self.model_name = config.served_model_name or (config.model or default_model_name())
-        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer.from_pretrained(config.tokenizer or model_path)
-        self.runner = ModelRunner(config, model_path, progress=progress or TqdmProgress())
+        # A GGUF file holds both the weights and the tokenizer: read it once for both.
+        model = _read_gguf(model_path) if _is_gguf(model_path) else model_path
+        if config.skip_tokenizer_init:
+            self.tokenizer = None
+        elif config.tokenizer is None and model is not model_path:
+            self.tokenizer = Tokenizer.from_gguf(model)
+        else:
+            self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
+        self.runner = ModelRunner(config, model, progress=progress or TqdmProgress())
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.kv_plan.max_model_len
         num_cpu_blocks = int(config.swap_space * 2**30 // self.runner.kv_plan.bytes_per_block)
@@ -318,6 +327,16 @@ class LLMEngine:
             self.runner.fetch(self._in_flight.pending)
             self._in_flight = None
         self.runner.close()
+
+
+def _is_gguf(path: str) -> bool:
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def _read_gguf(path: str):
+    from jaxllm.loading.gguf import read_gguf  # the gguf package is needed for GGUF files only
+
+    return read_gguf(path)
 
 
 def _needs_prompt_logprobs(s) -> bool:

@@ -18,12 +18,13 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-def load_model(model: str | os.PathLike | ModelConfig, *, dtype: str = "auto", load_format: str = "auto",
+def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
                mesh=None, trust_remote_code: bool = False, allow_pickle: bool = False,
                attention_backend: str = "auto", seed: int = 0):
     """-> (model, params, model_config).
 
-    `model`: an HF directory (config.json + safetensors), a `.gguf` file, or (dummy only) a ModelConfig.
+    `model`: an HF directory (config.json + safetensors), a `.gguf` file, a GGUF checkpoint already read with
+    `read_gguf` (a caller that also needs its tokenizer reads the file once), or (dummy only) a ModelConfig.
     `load_format`: auto | safetensors | gguf | dummy (random weights made on the devices, for benchmarks).
     """
     if load_format not in LOAD_FORMATS:
@@ -33,17 +34,16 @@ def load_model(model: str | os.PathLike | ModelConfig, *, dtype: str = "auto", l
         if load_format != "dummy":
             raise ValueError("a ModelConfig carries no weights: pass load_format='dummy' or a model path")
         return _dummy(model, dtype, mesh, attention_backend, seed)
+    gguf_options = dict(load_format=load_format, dtype=dtype, mesh=mesh, trust_remote_code=trust_remote_code,
+                        attention_backend=attention_backend, seed=seed)
+    if not isinstance(model, (str, os.PathLike)):
+        return _from_gguf(model, **gguf_options)
     path = os.fspath(model)
     is_gguf = os.path.isfile(path) and path.endswith(".gguf")
     if load_format == "gguf" or (is_gguf and load_format in ("auto", "dummy")):
         from jaxllm.loading.gguf import read_gguf  # the gguf package is only needed for GGUF files
 
-        checkpoint = read_gguf(path)
-        config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
-        if load_format == "dummy":
-            return _dummy(config, dtype, mesh, attention_backend, seed)
-        return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh,
-                               attention_backend=attention_backend)
+        return _from_gguf(read_gguf(path), **gguf_options)
     if not os.path.isdir(path):
         hint = "; it is a GGUF file: use load_format 'auto' or 'gguf'" if is_gguf else ""
         raise FileNotFoundError(f"model {path!r} is not a model directory (config.json + safetensors){hint}")
@@ -71,6 +71,14 @@ def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "
     mesh = make_mesh(1) if mesh is None else mesh
     model = build_model(config, mesh=mesh, attention_backend=attention_backend)
     return model, load_params(source, model, dtype=dtype, mesh=mesh), config
+
+
+def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_code: bool, attention_backend: str,
+               seed: int):
+    config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
+    if load_format == "dummy":
+        return _dummy(config, dtype, mesh, attention_backend, seed)
+    return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh, attention_backend=attention_backend)
 
 
 def _dummy(config: ModelConfig, dtype: str, mesh, attention_backend: str, seed: int):

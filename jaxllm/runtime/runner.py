@@ -35,7 +35,8 @@ def _no_progress(phase: str, done: int, total: int) -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str, *, progress: ProgressFn = _no_progress):
+    def __init__(self, config: EngineConfig, model, *, progress: ProgressFn = _no_progress):
+        """`model`: a model directory or .gguf path, or a GGUF checkpoint already read (see `load_model`)."""
         self.config = config
         distributed.initialize_from_config(config)
         compile_cache.enable()
@@ -50,7 +51,7 @@ class ModelRunner:
                              f"of all {jax.process_count()} nodes ({jax.device_count()}) in a multi-node run")
         progress("loading weights", 0, 1)
         self.model, self.params, self.model_config = load_model(
-            model_path, dtype=_canonical_dtype(config.dtype), load_format=config.load_format,
+            model, dtype=_canonical_dtype(config.dtype), load_format=config.load_format,
             mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
             attention_backend=config.attention_backend)
         progress("loading weights", 1, 1)
@@ -155,13 +156,6 @@ class ModelRunner:
         """The model step alone on packed inputs (no sampling): updates the cache, returns the logits."""
         self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens, layout)
         return logits
-
-    def execute(self, work: Sequence[inputs.SeqWork], sampling_rows: Sequence, *,
-                prompt_logprobs_k: int | None = None,
-                successors: Sequence[Sequence[int]] = ()) -> tuple[SamplerOutput, Logprobs | None]:
-        """Run one step and wait for it: `fetch(dispatch(...))`."""
-        return self.fetch(self.dispatch(work, sampling_rows, prompt_logprobs_k=prompt_logprobs_k,
-                                        successors=successors))
 
     @staticmethod
     def fetch(pending) -> tuple[SamplerOutput, Logprobs | None]:
