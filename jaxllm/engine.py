@@ -250,7 +250,7 @@ class LLMEngine:
         """`updated`: ids of the sequences that took this step's token (not aborted or stopped meanwhile)."""
         now = time.time()
         groups: dict[str, SequenceGroup] = {}
-        logprobs = getattr(sampled, "logprobs", None)
+        logprobs = sampled.logprobs
         for row, s in enumerate(batch.scheduled):
             if not s.do_sample or id(s.seq) not in updated:
                 continue
