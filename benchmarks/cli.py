@@ -1,9 +1,9 @@
-"""`jaxllm bench throughput|latency|serve|kernels|hf` -> the scripts in benchmarks/ (run from the repository root)."""
+"""`jaxllm bench throughput|latency|serve|startup|kernels|hf`: the scripts in benchmarks/ (run from the repo root)."""
 
 import importlib
 
 _COMMANDS = {"throughput": "benchmarks.throughput", "latency": "benchmarks.latency", "serve": "benchmarks.serving",
-             "kernels": "benchmarks.kernels", "hf": "benchmarks.hf_baseline"}
+             "startup": "benchmarks.startup", "kernels": "benchmarks.kernels", "hf": "benchmarks.hf_baseline"}
 
 
 def main(argv: list[str]) -> int:

@@ -5,25 +5,34 @@ computed from this card's copy bandwidth and matmul rate measured in the same ru
 
 L1: batch-1 decode ms/token at 32 / 1024 / 8192 context. S1: decode step time at batch 1 / 64 / 256 with 1k context.
 TTFT: one 1024-token prompt on an idle engine. Prompts are random token ids; ignore_eos; warm-up excluded.
+With --trace-dir, each batch-1 measured run is a jax.profiler trace (its figures include the profiler's cost) in
+which the time to the first token is the host annotation `ttft`; a line after the case's row says what the GPU did in
+that window: kernels, busy time, the window's span, idle share and the top 5 kernels (benchmarks/trace_summary.py).
 """
 
 import argparse
+import contextlib
 import json
 import time
 
 import jax
 import numpy as np
 
-from benchmarks import roofline
+from benchmarks import roofline, trace_summary
 from jaxllm import EngineConfig, LLMEngine, SamplingParams
 
 
-def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int, seed: int = 0) -> dict:
-    """Submit `batch` requests of `context` prompt tokens; time the prefill and the steady decode steps."""
+def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int, seed: int = 0,
+              annotate: bool = False) -> dict:
+    """Submit `batch` requests of `context` prompt tokens; time the prefill and the steady decode steps. With
+    `annotate`, the time to the first tokens is a `ttft` TraceAnnotation for a profiler trace."""
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
     ids = [f"b{batch}c{context}s{seed}r{i}" for i in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True)
+    ttft_window = contextlib.ExitStack()
+    if annotate:
+        ttft_window.enter_context(jax.profiler.TraceAnnotation("ttft"))
     start = time.perf_counter()
     for request_id in ids:
         engine.add_request(request_id, {"prompt_token_ids": rng.integers(10, vocab - 10, context).tolist()}, params)
@@ -37,6 +46,8 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
         first_tokens += sum(1 for o in outputs if len(o.outputs[0].token_ids) == 1)
         if first_tokens == batch and not decode_times:
             ttft = time.perf_counter() - start
+            ttft_window.close()
+    ttft_window.close()
     return {"batch": batch, "context": context, "ttft_s": ttft,
             "decode_step_s": float(np.median(decode_times)) if decode_times else None}
 
@@ -53,6 +64,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (the baseline)")
     parser.add_argument("--cases", default="1x32,1x1024,1x8192,64x1024,256x1024", help="batch x context, ...")
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--trace-dir", default=None, help="profile each batch-1 measured run into DIR/b1c<context>")
     args = parser.parse_args(argv)
 
     bandwidth, flops = roofline.copy_bandwidth(), roofline.matmul_rate()
@@ -74,7 +86,12 @@ def main(argv=None) -> dict:
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
     for batch, context in cases:
         run_batch(engine, batch=batch, context=context, decode_steps=4, seed=1)  # compile and warm up these shapes
-        r = run_batch(engine, batch=batch, context=context, decode_steps=args.decode_steps)
+        trace_dir = f"{args.trace_dir}/b{batch}c{context}" if args.trace_dir and batch == 1 else None
+        tracing = (jax.profiler.trace(trace_dir, profiler_options=trace_summary.profile_options()) if trace_dir
+                   else contextlib.nullcontext())
+        with tracing:
+            r = run_batch(engine, batch=batch, context=context, decode_steps=args.decode_steps,
+                          annotate=trace_dir is not None)
         # Per GPU under tensor parallelism (each reads 1/tp of the weights and KV); all-reduces not included.
         tp = args.tensor_parallel_size
         floor = (weight_bytes + batch * context * kv_bytes_per_token) / (tp * bandwidth)
@@ -88,6 +105,9 @@ def main(argv=None) -> dict:
               f"(roofline {floor * 1e3:6.2f} ms, x{r['decode_ratio']:.2f})  TTFT {r['ttft_s'] * 1e3:8.1f} ms"
               + (f" (FLOP roofline {r['ttft_roofline_s'] * 1e3:.1f} ms, x{r['ttft_ratio']:.2f})" if batch == 1
                  else ""), flush=True)
+        if trace_dir:
+            for device in trace_summary.summarize(trace_dir, top=5, annotation="ttft")["devices"]:
+                print(f"  trace {trace_dir}, TTFT window, {trace_summary.one_line(device)}", flush=True)
     result = {"card": roofline.device_name(), "copy_bandwidth": bandwidth, "matmul_rate": flops,
               "weight_bytes": weight_bytes, "rows": rows}
     if args.output_json:

@@ -1,17 +1,22 @@
 """Where a steady decode step's time goes: the whole engine step vs the jitted model step alone vs the sampler,
-plus a jax.profiler trace of a few engine steps (kept with the results).
+plus a jax.profiler trace of a few engine steps (kept with the results) and what the GPU did in it: kernels, busy
+and wall time per step, idle share, the top kernels (benchmarks/trace_summary.py).
 
-    python -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/trace
+    python -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/trace --output-json out.json
 """
 
 import argparse
+import json
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import trace_summary
 from jaxllm import EngineConfig, LLMEngine, SamplingParams
 from jaxllm.runtime import inputs
+
+TRACED_STEPS = 10
 
 
 def _median_ms(fn, repeats: int = 20) -> float:
@@ -23,13 +28,14 @@ def _median_ms(fn, repeats: int = 20) -> float:
     return float(np.median(times)) * 1e3
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--trace-dir", default=None)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--output-json", default=None, help="step timings and, with --trace-dir, the trace summary")
     args = parser.parse_args(argv)
 
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", enforce_eager=True,
@@ -58,11 +64,19 @@ def main(argv=None) -> None:
     model_ms = _median_ms(model_only)
     print(f"batch {args.batch} ctx {args.context}: engine.step {step_ms:.2f} ms, jitted model step alone "
           f"{model_ms:.2f} ms -> host + sampler + transfers {step_ms - model_ms:.2f} ms per step")
+    result = {"batch": args.batch, "context": args.context, "engine_step_ms": step_ms, "model_step_ms": model_ms,
+              "host_ms": step_ms - model_ms, "trace": None}
     if args.trace_dir:
-        with jax.profiler.trace(args.trace_dir):
-            for _ in range(10):
+        with jax.profiler.trace(args.trace_dir, profiler_options=trace_summary.profile_options()):
+            for _ in range(TRACED_STEPS):
                 engine.step()
         print(f"trace written to {args.trace_dir}")
+        result["trace"] = trace_summary.summarize(args.trace_dir, steps=TRACED_STEPS, top=10)
+        print(trace_summary.format_summary(result["trace"]))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

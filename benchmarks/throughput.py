@@ -1,20 +1,27 @@
 """Offline throughput, as `vllm bench throughput`: every request submitted at once to LLM.generate.
 
     python -m benchmarks.throughput --input-len 1024 --output-len 128 --num-prompts 1000 \
-        --model <dir|gguf|omitted = default model> [--load-format dummy] [--dtype bfloat16]
+        --model <dir|gguf|omitted = default model> [--load-format dummy] [--dtype bfloat16] [-tp 1]
 
-Prompts are random token ids (fixed seed), ignore_eos=True so every request produces exactly --output-len tokens.
+Prompts are random token ids (fixed seed), ignore_eos=True so every request produces exactly its requested length.
 `--dataset sharegpt-like` draws (input, output) lengths from a fixed-seed synthetic distribution with mean ~210 in /
 ~190 out, prompt <= 1024 and prompt + output <= 2048 (the ShareGPT dataset itself cannot be downloaded here).
+
+Unless --no-roofline, the card's copy bandwidth and bf16 matmul rate are measured first, in the same run, and the
+elapsed time is compared with the roofline: max(FLOP time, weight-read time), per GPU under tensor parallelism
+(all-reduces not included). FLOP time = 2 x weight params x (prompt + output tokens) / matmul rate. Weight-read time
+= forward passes x weight bytes / copy bandwidth, where a lower bound on the passes is
+max(longest output, ceil(output tokens / max_num_seqs)): one request's tokens come one pass after another, and a
+pass samples at most one token for each of at most max_num_seqs sequences. KV-cache reads are left out (a lower
+bound still). ratio = roofline / elapsed, so 1.0 is at the roofline.
 """
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
-
-from jaxllm import LLM, SamplingParams
 
 
 def sharegpt_like_lengths(num: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -29,15 +36,45 @@ def sharegpt_like_lengths(num: int, seed: int = 0) -> list[tuple[int, int]]:
     return pairs
 
 
-def make_requests(args, vocab_size: int) -> tuple[list[dict], list[SamplingParams]]:
-    rng = np.random.default_rng(args.seed)
-    if args.dataset == "sharegpt-like":
-        lengths = sharegpt_like_lengths(args.num_prompts, args.seed)
+def draw_workload(*, dataset: str, num_prompts: int, input_len: int, output_len: int, vocab_size: int,
+                  seed: int) -> tuple[list[list[int]], list[int]]:
+    """Prompt token ids and requested output lengths; `hf_baseline` draws the same ones through this function."""
+    rng = np.random.default_rng(seed)
+    if dataset == "sharegpt-like":
+        lengths = sharegpt_like_lengths(num_prompts, seed)
     else:
-        lengths = [(args.input_len, args.output_len)] * args.num_prompts
-    prompts = [{"prompt_token_ids": rng.integers(10, vocab_size - 10, size=i).tolist()} for i, _ in lengths]
-    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=o) for _, o in lengths]
-    return prompts, params
+        lengths = [(input_len, output_len)] * num_prompts
+    prompts = [rng.integers(10, vocab_size - 10, size=i).tolist() for i, _ in lengths]
+    return prompts, [o for _, o in lengths]
+
+
+def make_requests(args, vocab_size: int, *, seed: int | None = None) -> tuple[list[dict], list]:
+    from jaxllm import SamplingParams
+
+    prompts, output_lens = draw_workload(dataset=args.dataset, num_prompts=args.num_prompts,
+                                         input_len=args.input_len, output_len=args.output_len,
+                                         vocab_size=vocab_size, seed=args.seed if seed is None else seed)
+    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=o) for o in output_lens]
+    return [{"prompt_token_ids": p} for p in prompts], params
+
+
+def describe_dataset(dataset: str, prompt_lens: list[int], output_lens: list[int]) -> str:
+    text = (f"{len(prompt_lens)} requests, prompt mean {np.mean(prompt_lens):.0f} (max {max(prompt_lens)}) / output "
+            f"mean {np.mean(output_lens):.0f} (max {max(output_lens)}) tokens")
+    if dataset == "sharegpt-like":
+        return (f"Dataset sharegpt-like: SYNTHETIC lengths (log-normal, fixed seed), not the ShareGPT dataset; "
+                f"{text}")
+    return f"Dataset random: {text}"
+
+
+def roofline(*, weight_params: int, weight_bytes: int, prompt_tokens: int, output_lens: list[int],
+             max_num_seqs: int, copy_bandwidth: float, matmul_rate: float, tensor_parallel_size: int = 1) -> dict:
+    """Lower bound on the run's time (see the module docstring), per GPU; every argument is a whole-model figure."""
+    passes = max(max(output_lens), math.ceil(sum(output_lens) / max_num_seqs))
+    flop_s = 2 * weight_params * (prompt_tokens + sum(output_lens)) / (tensor_parallel_size * matmul_rate)
+    memory_s = passes * weight_bytes / (tensor_parallel_size * copy_bandwidth)
+    return {"roofline_s": max(flop_s, memory_s), "roofline_flop_s": flop_s, "roofline_weight_read_s": memory_s,
+            "roofline_forward_passes": passes}
 
 
 def main(argv=None) -> dict:
@@ -53,34 +90,70 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--skip-tokenizer-init", action="store_true")
+    parser.add_argument("--no-roofline", action="store_true",
+                        help="skip measuring copy bandwidth and matmul rate (far too slow on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
+
+    # Imported here, not at the top, so hf_baseline can reuse draw_workload without loading JAX next to torch.
+    import jax
+
+    from benchmarks import roofline as ceilings
+    from jaxllm import LLM, SamplingParams
+
+    card = ceilings.device_name()
+    print(f"card: {card}", flush=True)
+    bandwidth = flops = None
+    if not args.no_roofline:
+        bandwidth, flops = ceilings.copy_bandwidth(), ceilings.matmul_rate()
+        print(f"copy bandwidth {bandwidth / 1e12:.3g} TB/s, bf16 matmul {flops / 1e12:.3g} TFLOP/s", flush=True)
 
     start = time.perf_counter()
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager, seed=args.seed,
-              skip_tokenizer_init=args.skip_tokenizer_init)
+              skip_tokenizer_init=args.skip_tokenizer_init, tensor_parallel_size=args.tensor_parallel_size)
     startup = time.perf_counter() - start
-    prompts, params = make_requests(args, llm.llm_engine.model_config.vocab_size)
-    warmup = min(len(prompts), args.max_num_seqs)
-    llm.generate(prompts[:warmup], [SamplingParams(max_tokens=2, ignore_eos=True)] * warmup, use_tqdm=False)
+    vocab_size = llm.llm_engine.model_config.vocab_size
+    prompts, params = make_requests(args, vocab_size)
+    print(describe_dataset(args.dataset, [len(p["prompt_token_ids"]) for p in prompts],
+                           [p.max_tokens for p in params]), flush=True)
+    # Other prompts than the measured ones: with prefix caching on, warming up on the same ids would let the
+    # measured run skip their prefill.
+    warm_prompts, _ = make_requests(args, vocab_size, seed=args.seed + 1)
+    warmup = min(len(warm_prompts), args.max_num_seqs)
+    llm.generate(warm_prompts[:warmup], [SamplingParams(max_tokens=2, ignore_eos=True)] * warmup, use_tqdm=False)
 
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    result = {"elapsed_s": elapsed, "startup_s": startup, "requests_per_s": len(outputs) / elapsed,
+    output_lens = [len(o.outputs[0].token_ids) for o in outputs]
+    output_tokens = sum(output_lens)
+    result = {"card": card, "elapsed_s": elapsed, "startup_s": startup, "requests_per_s": len(outputs) / elapsed,
               "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
               "output_tokens_per_s": output_tokens / elapsed, "num_requests": len(outputs),
-              "prompt_tokens": prompt_tokens, "output_tokens": output_tokens}
+              "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+              "synthetic_dataset": args.dataset == "sharegpt-like"}
     print(f"Start-up: {startup:.1f} s")
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} total tokens/s, "
           f"{result['output_tokens_per_s']:.2f} output tokens/s")
+    if bandwidth is not None:
+        leaves = jax.tree_util.tree_leaves(llm.llm_engine.runner.params)
+        weight_bytes = sum(x.nbytes for x in leaves)
+        weight_params = sum(x.size for x in leaves)
+        bound = roofline(weight_params=weight_params, weight_bytes=weight_bytes, prompt_tokens=prompt_tokens,
+                         output_lens=output_lens, max_num_seqs=args.max_num_seqs, copy_bandwidth=bandwidth,
+                         matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
+        result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, weight_bytes=weight_bytes,
+                      weight_params=weight_params, roofline_ratio=bound["roofline_s"] / elapsed)
+        print(f"Roofline: {bound['roofline_s']:.2f} s (max of FLOPs {bound['roofline_flop_s']:.2f} s, weight reads "
+              f"{bound['roofline_weight_read_s']:.2f} s = {bound['roofline_forward_passes']} passes x "
+              f"{weight_bytes / 1e9:.2f} GB); achieved/roofline throughput ratio {result['roofline_ratio']:.2f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({**vars(args), **result}, f, indent=2)

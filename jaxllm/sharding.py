@@ -7,7 +7,8 @@ vocab-parallel, norms replicated. With a one-device mesh every spec degenerates 
 Heads, as vLLM splits them: the N q-heads must divide over tp. K kv-heads >= tp must divide over tp too; K < tp
 kv-heads are replicated, tp // K devices per kv-head (tp % K == 0), so every device holds exactly the one kv-head
 its N / tp q-heads attend with. The KV cache then has tp head slots, slot d holding kv-head d // (tp // K)
-(`kv_cache_heads`); the k/v projections stay whole on every device and the model repeats their heads to match.
+(`kv_cache_heads`); the loaded k/v projections stay whole on every device, and fusing them into qkv_proj
+(models/fusion.py) gives each device the columns of exactly its slot's kv-head.
 """
 
 import jax
@@ -28,6 +29,9 @@ PARAM_SPECS: dict[str, P] = {
     "gate_bias": P(TP), "up_bias": P(TP),
     "down_proj": P(TP, None),  # [F, D]
     "down_bias": P(),
+    # The fused layout the forward runs on (models/fusion.py): [D, S, W] / [S, W], S = tp shards of whole columns.
+    "qkv_proj": P(None, TP, None), "gate_up_proj": P(None, TP, None),
+    "qkv_bias": P(TP, None), "gate_up_bias": P(TP, None),
     "input_norm": P(), "post_norm": P(), "final_norm": P(), "q_norm": P(), "k_norm": P(),
 }
 # Params split over kv-heads: whole (replicated) when the kv-heads are fewer than the devices.

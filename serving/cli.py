@@ -97,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     engine.add_argument("--allow-pickle", action="store_true",
                         help="allow .bin/.pt (pickle) checkpoints; refused by default, they can run code on load")
     engine.add_argument("--attention-backend", choices=["auto", "reference", "xla", "triton"], default="auto")
+    engine.add_argument("--disable-custom-all-reduce", action="store_true",
+                        help="with -tp > 1 on GPU, keep every all-reduce on NCCL instead of XLA's collective kernels")
     engine.add_argument("--kv-cache-memory-bytes", type=_human_int, default=None,
                         help="fix the KV cache size instead of sizing it from free device memory")
     return p
@@ -130,7 +132,7 @@ def engine_config(args: argparse.Namespace):
         enable_prefix_caching=args.enable_prefix_caching, trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle, attention_backend=args.attention_backend,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_logprobs=args.max_logprobs,
-        max_num_queued_reqs=args.max_num_queued_reqs,
+        max_num_queued_reqs=args.max_num_queued_reqs, disable_custom_all_reduce=args.disable_custom_all_reduce,
         served_model_name=args.served_model_name[0] if args.served_model_name else None,
         nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
 

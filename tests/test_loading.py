@@ -55,14 +55,20 @@ def test_sharded_checkpoint_fills_every_param_exactly():
     np.testing.assert_array_equal(params["final_norm"], ref["model.norm.weight"])
     for i in range(config.num_layers):
         layer, pre = params["layers"][i], f"model.layers.{i}."
-        for ours, theirs in [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
-                             ("v_proj", "self_attn.v_proj"), ("o_proj", "self_attn.o_proj"),
-                             ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
-                             ("down_proj", "mlp.down_proj")]:
-            np.testing.assert_array_equal(layer[ours], ref[pre + theirs + ".weight"].T)
+
+        def hf(name):
+            return ref[pre + name + ".weight"].T  # [in, out]
+
+        # One device: the fused projections are the checkpoint's columns side by side, in one shard.
+        qkv = np.concatenate([hf("self_attn.q_proj"), hf("self_attn.k_proj"), hf("self_attn.v_proj")], axis=1)
+        np.testing.assert_array_equal(layer["qkv_proj"], qkv[:, None, :])
+        np.testing.assert_array_equal(layer["gate_up_proj"],
+                                      np.concatenate([hf("mlp.gate_proj"), hf("mlp.up_proj")], axis=1)[:, None, :])
+        np.testing.assert_array_equal(layer["o_proj"], hf("self_attn.o_proj"))
+        np.testing.assert_array_equal(layer["down_proj"], hf("mlp.down_proj"))
         np.testing.assert_array_equal(layer["input_norm"], ref[pre + "input_layernorm.weight"])
         np.testing.assert_array_equal(layer["post_norm"], ref[pre + "post_attention_layernorm.weight"])
-    assert len(jax.tree_util.tree_leaves(params)) == len(ref)
+    assert len(jax.tree_util.tree_leaves(params)) == len(ref) - 3 * config.num_layers  # q/k/v -> 1, gate/up -> 1
 
 
 def test_index_disagreeing_with_shards_is_an_error(tmp_path):
@@ -78,7 +84,8 @@ def test_tied_embeddings_have_no_lm_head_and_a_stray_copy_is_skipped(tmp_path):
     _, params, config = load_model(QWEN2, dtype="float32")
     assert config.tie_word_embeddings and "lm_head" not in params
     ref = hf_tensors(QWEN2)
-    np.testing.assert_array_equal(params["layers"][1]["k_bias"], ref["model.layers.1.self_attn.k_proj.bias"])
+    bias = np.concatenate([ref[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"])
+    np.testing.assert_array_equal(params["layers"][1]["qkv_bias"], bias[None, :])
     ref["lm_head.weight"] = ref["model.embed_tokens.weight"]  # some tied checkpoints store the copy anyway
     _, params2, _ = load_model(write_checkpoint(tmp_path / "m", ref, fixture_config(QWEN2)), dtype="float32")
     assert "lm_head" not in params2
@@ -88,9 +95,9 @@ def test_dtype_auto_and_conversions(tmp_path):
     assert load_model(LLAMA3)[1]["embed"].dtype == jnp.bfloat16  # config.json: torch_dtype bfloat16
     ref = hf_tensors(LLAMA3)
     _, half, _ = load_model(LLAMA3, dtype="float16")
-    assert half["layers"][0]["q_proj"].dtype == jnp.float16
-    np.testing.assert_array_equal(half["layers"][0]["q_proj"],
-                                  ref["model.layers.0.self_attn.q_proj.weight"].T.astype(np.float16))
+    q = ref["model.layers.0.self_attn.q_proj.weight"].T.astype(np.float16)
+    assert half["layers"][0]["qkv_proj"].dtype == jnp.float16
+    np.testing.assert_array_equal(half["layers"][0]["qkv_proj"][:, 0, :q.shape[1]], q)
     # A float32 checkpoint stays float32 under auto, whether config.json says so or only the tensors do.
     rng = np.random.default_rng(0)
     fp32 = {k: (v + rng.normal(0, 1e-3, v.shape)).astype(np.float32) for k, v in ref.items()}
@@ -179,17 +186,20 @@ def test_safetensors_source_reads_only_the_requested_block():
 def test_dummy_params_shapes_dtypes_and_determinism():
     config = ModelConfig.from_pretrained(QWEN2)
     model, params, _ = load_model(config, load_format="dummy", dtype="bfloat16", seed=3)
-    want = model.param_shapes(jnp.bfloat16)
-    assert jax.tree.map(lambda s: (s.shape, s.dtype), want) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
-    q = np.asarray(params["layers"][0]["q_proj"], np.float32)
-    assert 0.01 < q.std() < 0.03 and np.all(np.isfinite(q))
+    d, q, kv, f = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    for layer in params["layers"]:
+        assert layer["qkv_proj"].shape == (d, 1, q + 2 * kv) and layer["qkv_bias"].shape == (1, q + 2 * kv)
+        assert layer["gate_up_proj"].shape == (d, 1, 2 * f)
+        assert {leaf.dtype for leaf in layer.values()} == {jnp.dtype(jnp.bfloat16)}
+    w = np.asarray(params["layers"][0]["qkv_proj"], np.float32)
+    assert 0.01 < w.std() < 0.03 and np.all(np.isfinite(w))
     norm = np.asarray(params["layers"][1]["input_norm"], np.float32)
     assert abs(norm.mean() - 1) < 0.01 and norm.std() > 0
     again = dummy_params(model, dtype=jnp.bfloat16, seed=3)
     other = dummy_params(model, dtype=jnp.bfloat16, seed=4)
     np.testing.assert_array_equal(again["embed"], params["embed"])
     assert not np.array_equal(other["embed"], params["embed"])
-    assert not np.array_equal(params["layers"][0]["k_proj"], params["layers"][1]["k_proj"])
+    assert not np.array_equal(params["layers"][0]["qkv_proj"], params["layers"][1]["qkv_proj"])
 
 
 def test_dummy_llama31_8b_shapes_without_allocating():
@@ -211,7 +221,7 @@ def test_params_placed_with_their_partition_specs_on_a_one_device_mesh():
         assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
         want = NamedSharding(mesh, param_spec(dotted(path), leaf.shape, mesh))
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (dotted(path), leaf.sharding)
-    assert params["layers"][0]["q_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tp")
+    assert params["layers"][0]["qkv_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
 
 
 SHARDED_CHECK = """
@@ -219,7 +229,8 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
 from jaxllm.kv_cache import AttentionMetadata, KVCache
-from jaxllm.loading import SafetensorsSource, load_checkpoint
+from jaxllm.loading import SafetensorsSource, load_params
+from jaxllm.models import build_model
 from jaxllm.model_config import ModelConfig
 from jaxllm.sharding import kv_cache_heads, kv_sharding, make_mesh
 
@@ -235,7 +246,8 @@ class Recording(SafetensorsSource):
 
 mesh = make_mesh(4)
 config = ModelConfig.from_pretrained(fixture)
-model, params, _ = load_checkpoint(config, Recording.from_dir(fixture), dtype="float32", mesh=mesh)
+model = build_model(config, mesh=mesh)
+params = load_params(Recording.from_dir(fixture), model, dtype="float32", mesh=mesh)  # the checkpoint layout
 reference = SafetensorsSource.from_dir(fixture)
 for path, hf, spec, shard_shape in [
         (("layers", 0, "q_proj"), "model.layers.0.self_attn.q_proj.weight", P(None, "tp"), (64, 64)),
@@ -254,6 +266,20 @@ for path, hf, spec, shard_shape in [
     # each device read only its own block from the file: no full copy per device
     assert {shape for name, shape in reads if name == hf} == {shard_shape[::-1] if path != ("embed",) else
                                                             shard_shape}, reads
+
+# Fused for the forward: device d's qkv_proj shard is its q-heads' columns, then its cache slot's kv-head's k and v.
+h, n, k = config.head_dim, config.num_q_heads, config.num_kv_heads
+slots = kv_cache_heads(k, 4)
+def columns(name, heads, repeat):
+    w = reference.read(f"model.layers.0.self_attn.{name}.weight").astype(np.float32).T.reshape(-1, heads, h)
+    return np.repeat(w, repeat, axis=1).reshape(w.shape[0], 4, -1)  # [D, S, heads * repeat * H / S]
+want = np.concatenate([columns("q_proj", n, 1), columns("k_proj", k, slots // k), columns("v_proj", k, slots // k)],
+                      axis=-1)
+params = model.fuse_params(params)
+qkv = params["layers"][0]["qkv_proj"]
+assert qkv.sharding.spec == P(None, "tp", None), qkv.sharding
+assert {shard.data.shape for shard in qkv.addressable_shards} == {(want.shape[0], 1, want.shape[2])}
+np.testing.assert_array_equal(np.asarray(qkv), want)
 
 golden = np.load(f"{fixture}/golden.npz")
 prompt, want = golden["prompt_2"], golden["logits_2"]

@@ -119,13 +119,13 @@ def test_tp_greedy_equals_tp1_and_weights_and_kv_are_sharded(fixture):
         params = r["params"]
         expect = {  # param -> (spec, shard shape on every device)
             "embed": (["tp"], [v // tp, d]),
-            "layers.0.q_proj": ([None, "tp"], [d, n * h // tp]),
+            # fused q/k/v: a device's q-heads, then its kv-heads, split while they divide; with fewer kv-heads
+            # than devices, the one kv-head its q-heads use (vLLM replicates those)
+            "layers.0.qkv_proj": ([None, "tp"], [d, 1, (n * h + 2 * kv_cache_heads(k, tp) * h) // tp]),
             "layers.0.o_proj": (["tp"], [n * h // tp, d]),
-            "layers.0.gate_proj": ([None, "tp"], [d, f // tp]),
+            "layers.0.gate_up_proj": ([None, "tp"], [d, 1, 2 * f // tp]),
             "layers.0.down_proj": (["tp"], [f // tp, d]),
             "layers.0.input_norm": ([], [d]),
-            # kv-heads split while they divide; fewer kv-heads than devices are replicated whole (vLLM)
-            "layers.0.k_proj": (([None, "tp"], [d, k * h // tp]) if k >= tp else ([], [d, k * h])),
         }
         if "lm_head" in params:
             expect["lm_head"] = ([None, "tp"], [d, v // tp])

@@ -21,7 +21,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
                mesh=None, trust_remote_code: bool = False, allow_pickle: bool = False,
                attention_backend: str = "auto", seed: int = 0):
-    """-> (model, params, model_config).
+    """-> (model, params, model_config), the params fused as the model runs them (`model.fuse_params`).
 
     `model`: an HF directory (config.json + safetensors), a `.gguf` file, a GGUF checkpoint already read with
     `read_gguf` (a caller that also needs its tokenizer reads the file once), or (dummy only) a ModelConfig.
@@ -70,7 +70,7 @@ def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "
     the file's tokenizer read the file once and come here."""
     mesh = make_mesh(1) if mesh is None else mesh
     model = build_model(config, mesh=mesh, attention_backend=attention_backend)
-    return model, load_params(source, model, dtype=dtype, mesh=mesh), config
+    return model, model.fuse_params(load_params(source, model, dtype=dtype, mesh=mesh)), config
 
 
 def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_code: bool, attention_backend: str,
@@ -84,7 +84,7 @@ def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_c
 def _dummy(config: ModelConfig, dtype: str, mesh, attention_backend: str, seed: int):
     model = build_model(config, mesh=mesh, attention_backend=attention_backend)
     params = dummy_params(model, dtype=resolve_dtype(dtype, config), mesh=mesh, seed=seed)
-    return model, params, config
+    return model, model.fuse_params(params), config
 
 
 __all__ = ["LOAD_FORMATS", "SafetensorsSource", "TensorSource", "dummy_params", "load_checkpoint", "load_model",

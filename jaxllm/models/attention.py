@@ -10,14 +10,14 @@ its inputs, so the GPU backends plug in through `backend` without touching the m
 """
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import pallas_kernels
 from jaxllm import sharding
 from jaxllm.kv_cache import AttentionMetadata
 from jaxllm.model_config import ModelConfig
-from jaxllm.models.layers import apply_rotary, linear, rms_norm
+from jaxllm.models.fusion import split_fused
+from jaxllm.models.layers import apply_rotary, fused_linear, linear, rms_norm
 
 
 def attention(
@@ -35,10 +35,14 @@ def attention(
     mesh: Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # k_pages', v_pages', out [T, D]
     num_tokens = x.shape[0]
-    n, k, h = config.num_q_heads, config.num_kv_heads, config.head_dim
-    q = linear(x, p["q_proj"], p.get("q_bias")).reshape(num_tokens, n, h)  # [T, N, H]
-    key = linear(x, p["k_proj"], p.get("k_bias")).reshape(num_tokens, k, h)  # [T, K, H]
-    value = linear(x, p["v_proj"], p.get("v_bias")).reshape(num_tokens, k, h)  # [T, K, H]
+    n, h = config.num_q_heads, config.head_dim
+    qkv = fused_linear(x, p["qkv_proj"], p.get("qkv_bias"))  # [T, S, W]: S shards of (q, k, v) columns
+    shards, width = qkv.shape[1:]
+    q_width = n * h // shards
+    q, key, value = split_fused(qkv, (q_width, (width - q_width) // 2, (width - q_width) // 2))
+    q = q.reshape(num_tokens, n, h)  # [T, N, H]
+    key = key.reshape(num_tokens, -1, h)  # [T, C, H]
+    value = value.reshape(num_tokens, -1, h)  # [T, C, H]
     if config.qk_norm:
         # Qwen3 normalizes each head before the rotation so the attention logits stay bounded.
         q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
@@ -57,15 +61,9 @@ def attention(
 
 def _attend_sharded(q, key, value, k_pages, v_pages, metadata: AttentionMetadata, mesh: Mesh, knobs: dict):
     """write_kv + ragged attention with heads split over the mesh's "tp" axis; no collective inside."""
-    slots = k_pages.shape[0]  # C
-    if slots != sharding.kv_cache_heads(key.shape[1], sharding.tp_size(mesh)):
-        raise ValueError(f"the KV cache has {slots} head slots; {key.shape[1]} kv heads over tensor_parallel_size "
-                         f"{sharding.tp_size(mesh)} need sharding.kv_cache_heads(...) = "
-                         f"{sharding.kv_cache_heads(key.shape[1], sharding.tp_size(mesh))}")
-    if key.shape[1] < slots:
-        # Replicated kv-heads (K < tp): slot c holds kv-head c // (C / K), the one the q-heads of device c use.
-        key = jnp.repeat(key, slots // key.shape[1], axis=1)  # [T, C, H]
-        value = jnp.repeat(value, slots // value.shape[1], axis=1)
+    if k_pages.shape[0] != key.shape[1]:
+        raise ValueError(f"the KV cache has {k_pages.shape[0]} head slots; the params were fused for "
+                         f"{key.shape[1]} (sharding.kv_cache_heads for this model and tensor_parallel_size)")
     k_pages, v_pages = pallas_kernels.write_kv_sharded(k_pages, v_pages, key, value, metadata.slot_mapping,
                                                        mesh=mesh, axis=sharding.TP)
     out = pallas_kernels.ragged_paged_attention_sharded(

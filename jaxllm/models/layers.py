@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.model_config import ModelConfig
+from jaxllm.models.fusion import split_fused
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -64,8 +65,14 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> ja
     return y if bias is None else y + bias
 
 
+def fused_linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x [T, I] @ weight [I, S, W] (+ bias [S, W]) -> [T, S, W]: one matmul over every shard's columns."""
+    y = jnp.einsum("TI,ISW->TSW", x, weight)
+    return y if bias is None else y + bias
+
+
 def mlp(p: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU: down(silu(gate(x)) * up(x)); x [T, D] -> [T, D]."""
-    gate = linear(x, p["gate_proj"], p.get("gate_bias"))  # [T, F]
-    up = linear(x, p["up_proj"], p.get("up_bias"))  # [T, F]
+    """SwiGLU: down(silu(gate(x)) * up(x)); x [T, D] -> [T, D], gate and up as one fused product."""
+    gate_up = fused_linear(x, p["gate_up_proj"], p.get("gate_up_bias"))  # [T, S, 2F / S]
+    gate, up = split_fused(gate_up, (gate_up.shape[-1] // 2,) * 2)  # [T, F] each
     return linear(jax.nn.silu(gate) * up, p["down_proj"], p.get("down_bias"))

@@ -15,6 +15,11 @@ Param tree (dtype = the params dtype; "?" = present only when the config says so
                gate_bias?/up_bias? [F]  down_bias? [D]
 Projections are [in, out] (HF Linear is [out, in]: the weight map transposes), and q/k/v keep heads flattened so a
 column split over "tp" is a split over heads.
+
+That is the checkpoint layout the loaders fill. `fuse_params` then turns it into the layout `__call__` runs on
+(models/fusion.py, S = tp shards, C = the KV cache's head slots): per layer
+    qkv_proj [D, S, (N + 2C) * H / S]  qkv_bias? [S, ...]  gate_up_proj [D, S, 2F / S]  gate_up_bias? [S, ...]
+in place of q/k/v and gate/up, so each is one matmul.
 """
 
 import dataclasses
@@ -27,6 +32,7 @@ from jax.sharding import Mesh
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.attention import attention
+from jaxllm.models.fusion import FusedProjection, fuse_params
 from jaxllm.models.layers import mlp, rms_norm, rope_cos_sin, rope_inv_freq
 from jaxllm.models.weight_map import WeightRule
 
@@ -61,6 +67,13 @@ WEIGHT_MAP: tuple[WeightRule, ...] = (
     WeightRule(_LAYER + "mlp.down_proj.bias", ("layers.{i}.down_bias",)),
 )
 
+FUSED_PROJECTIONS: tuple[FusedProjection, ...] = (
+    FusedProjection("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    FusedProjection("qkv_bias", ("q_bias", "k_bias", "v_bias")),
+    FusedProjection("gate_up_proj", ("gate_proj", "up_proj")),
+    FusedProjection("gate_up_bias", ("gate_bias", "up_bias")),
+)
+
 # Buffers some checkpoints carry that are derived, not learned: we recompute the rotary frequencies.
 IGNORED: tuple[str, ...] = (_LAYER + "self_attn.rotary_emb.inv_freq",)
 
@@ -78,6 +91,7 @@ class LlamaForCausalLM:
 
     weight_map: ClassVar[tuple[WeightRule, ...]] = WEIGHT_MAP
     ignored_weights: ClassVar[tuple[str, ...]] = IGNORED
+    fused_projections: ClassVar[tuple[FusedProjection, ...]] = FUSED_PROJECTIONS
 
     def param_shapes(self, dtype) -> dict:
         """The param tree as jax.ShapeDtypeStruct leaves: what the loaders fill and the sharding table covers."""
@@ -104,6 +118,10 @@ class LlamaForCausalLM:
         if not c.tie_word_embeddings:
             params["lm_head"] = s(d, c.vocab_size)
         return params
+
+    def fuse_params(self, params: dict) -> dict:
+        """Checkpoint layout (`param_shapes`, as loaded) -> the fused layout `__call__` runs on. Consumes `params`."""
+        return fuse_params(params, self.fused_projections, self.config, self.mesh)
 
     def __call__(
         self,

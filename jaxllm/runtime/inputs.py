@@ -77,5 +77,7 @@ def buffer_size(layout: BatchLayout) -> int:
     return sum(int(np.prod(shape)) for _, shape in _sections(layout))
 
 
-def abstract_buffer(layout: BatchLayout) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32)
+def abstract_buffer(layout: BatchLayout, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    """The step's input buffer as jit sees it. The sharding must be the real buffer's: it is part of the program's
+    identity, and a start-up compile for any other would be a different program that no step ever runs."""
+    return jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32, sharding=sharding)

@@ -8,6 +8,7 @@ step's inputs and the logits are replicated, so the sampler sees the whole vocab
 runner broadcasts every device operation and the followers' runners replay it (`follow`, jaxllm.distributed).
 """
 
+import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -28,6 +29,9 @@ from jaxllm.runtime.sampler import Logprobs, SamplerOutput, SamplingMetadata, pr
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+# Start-up compiles at once; more than a few buys little (XLA parallelizes inside a compile too) and each holds its
+# own autotuning buffers on the device.
+_COMPILE_THREADS = 4
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
@@ -57,7 +61,8 @@ class ModelRunner:
         progress("loading weights", 1, 1)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
-        self._step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,))
+        self._step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
+                             compiler_options=step_compiler_options(config, self.platform))
         self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3, 4), out_shardings=self._replicated)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), out_shardings=self._replicated)
         # The previous step's sampled ids (padded to max_num_seqs), fed on device to a step dispatched ahead.
@@ -141,16 +146,20 @@ class ModelRunner:
         return int(analysis.temp_size_in_bytes) + layout.num_logits * mc.vocab_size * 4 * 4 if analysis else 0
 
     def _compile_all(self, progress: ProgressFn) -> None:
+        """Every bucket, several at a time: XLA compiles outside the GIL, and a cold start of Llama-3.1-8B has ~19
+        buckets of several seconds each. The programs land in jit's cache (and the persistent one) for the steps."""
         layouts = self.buckets.layouts()
-        for i, layout in enumerate(layouts):
-            progress("compiling buckets", i, len(layouts))
-            self.lower_step(layout).compile()
-        progress("compiling buckets", len(layouts), len(layouts))
+        progress("compiling buckets", 0, len(layouts))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_COMPILE_THREADS) as pool:
+            compiles = [pool.submit(lambda layout: self.lower_step(layout).compile(), layout) for layout in layouts]
+            for done, future in enumerate(concurrent.futures.as_completed(compiles), 1):
+                future.result()
+                progress("compiling buckets", done, len(layouts))
 
     def lower_step(self, layout: BatchLayout, kv_cache: KVCache | None = None):
         """The model step for one layout, lowered (compile it, or read its HLO)."""
         return self._step.lower(self.params, self.kv_cache if kv_cache is None else kv_cache,
-                                inputs.abstract_buffer(layout), self._last_tokens, layout)
+                                inputs.abstract_buffer(layout, self._replicated), self._last_tokens, layout)
 
     def forward(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
         """The model step alone on packed inputs (no sampling): updates the cache, returns the logits."""
@@ -253,6 +262,22 @@ class ModelRunner:
             leaf.delete()
         self.params = self.kv_cache = None
         self._step = self._sample = None
+
+
+def step_compiler_options(config: EngineConfig, platform: str) -> dict[str, str]:
+    """XLA options for the model step, the one jit whose program holds the tensor-parallel collectives.
+
+    A small batch's step is bound by its all-reduces of [T, D] activations (two per layer): on 2x H200 NCCL takes
+    60-100 us for each, mostly fixed cost. vLLM answers with a one-shot all-reduce kernel of its own, on unless
+    --disable-custom-all-reduce; XLA has one-shot / two-shot collective kernels, asked for here where vLLM would use
+    its own: one GPU host (vLLM's custom all-reduce is intra-node only), more than one device, not disabled
+    (benchmarks/allreduce.py measures both). The value is the DebugOptions enum's full name: per-compile options are
+    parsed by proto reflection, which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
+    """
+    if (platform not in ("gpu", "cuda") or config.tensor_parallel_size == 1 or config.nnodes > 1
+            or config.disable_custom_all_reduce):
+        return {}
+    return {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}
 
 
 def _static_fields(metadata: SamplingMetadata) -> dict:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The issue-6 table on one GPU, in two device calls of under 10 minutes each. Results land in $OUT:
+# <part>.log (everything printed) and <part>.tgz (the JSON files and profiler timelines).
+#   bash benchmarks/gpu_single.sh engine   # latency (+ a baseline from .baseline/), decode profile, T1, T3-500/1000
+#   bash benchmarks/gpu_single.sh online   # HF generate() vs jaxllm on the same requests, start-up, serving
+# Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks on the GPU machine").
+set -uo pipefail
+part=${1:?engine or online}
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+results=$OUT  # JSON files land in $OUT as they are made, so a run cut short still returns them
+exec > >(tee "$OUT/$part.log") 2>&1
+model=benchmarks/configs/llama-3.1-8b
+dummy=(--model "$model" --load-format dummy --dtype bfloat16 --skip-tokenizer-init)
+deadline=570  # seconds: the device call's 600 s limit, less the packing at the end
+mkdir -p /tmp/traces
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
+
+step() {  # step NAME SECONDS CMD...: run with a time limit (never past the deadline), say how long it took
+    local name=$1 limit=$2 left=$((deadline - SECONDS))
+    shift 2
+    if [ "$left" -lt 30 ]; then echo "=== $name: skipped, ${left} s left"; return; fi
+    echo "=== $name ($(date +%T))"
+    local start=$SECONDS
+    timeout $((limit < left ? limit : left)) "$@"
+    echo "=== $name: exit $?, $((SECONDS - start)) s"
+}
+
+case $part in
+engine)
+    if [ -d .baseline ]; then  # the code before this change, same card, same call
+        step latency-baseline 150 env PYTHONPATH=.baseline python3 -m benchmarks.latency --cases 1x1024,64x1024 \
+            --output-json "$results/latency_baseline.json"
+    fi
+    step latency 200 python3 -m benchmarks.latency --trace-dir /tmp/traces/ttft --output-json "$results/latency.json"
+    step profile-b1 100 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
+        --output-json "$results/profile_b1.json"
+    step t1 170 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
+        --output-json "$results/t1.json"
+    for n in 500 1000; do
+        step "t3-$n" 90 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts $n \
+            --no-roofline --output-json "$results/t3_$n.json"
+    done
+    step hf-random 150 python3 -m benchmarks.hf_baseline --batch-sizes 1,32,128 --input-len 512 --output-len 128 \
+        --output-json "$results/hf_random.json"
+    ;;
+online)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=.:/tmp/site
+    for b in 1 32 128; do
+        step "ours-random-$b" 60 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 512 --output-len 128 \
+            --num-prompts $b --no-roofline --output-json "$results/ours_random_$b.json"
+    done
+    step hf-sharegpt 100 python3 -m benchmarks.hf_baseline --dataset sharegpt-like --num-prompts 32 --batch-size 32 \
+        --max-duration-s 80 --output-json "$results/hf_sharegpt.json"
+    step ours-sharegpt 60 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
+        --no-roofline --output-json "$results/ours_sharegpt.json"
+    step startup 150 python3 -m benchmarks.startup --model "$model" --load-format dummy --dtype bfloat16 \
+        --output-json "$results/startup.json"
+    step serving 240 python3 -m benchmarks.serving --model "$model" --load-format dummy --input-len 1024 \
+        --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 --max-duration-s 15 \
+        --output-json "$results/serving.json"
+    ;;
+esac
+# Pack the JSON files and the traces' timelines (not their large .xplane.pb) into one archive.
+cd "$OUT" && tar czf "$part.tgz" --exclude="*.xplane.pb" *.json -C /tmp traces 2>/dev/null && rm -f *.json

@@ -1,0 +1,33 @@
+"""Start-up compiles every bucket, and those programs are the ones the steps run: no step compiles again."""
+
+import logging
+
+import jax
+import numpy as np
+
+from jaxllm import EngineConfig, LLMEngine, SamplingParams
+
+
+def test_steps_run_the_programs_compiled_at_start_up(caplog):
+    phases = []
+    engine = LLMEngine(EngineConfig(model="tests/fixtures/llama3", dtype="float32", enforce_eager=False,
+                                    max_model_len=64, kv_cache_memory_bytes=1 << 21, max_num_seqs=2,
+                                    max_num_batched_tokens=16),
+                       progress=lambda phase, done, total: phases.append((phase, done, total)))
+    try:
+        layouts = engine.runner.buckets.layouts()
+        assert ("compiling buckets", len(layouts), len(layouts)) in phases
+        rng = np.random.default_rng(0)
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            for i, length in enumerate((3, 13)):  # a short and a chunked prompt: mixed and decode buckets
+                engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(5, 500, length).tolist()},
+                                   SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+            finished = []
+            while engine.has_unfinished_requests():
+                finished += [o for o in engine.step() if o.finished]
+        assert sorted(len(o.outputs[0].token_ids) for o in finished) == [5, 5]
+        compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+        assert compiles, "jax.log_compiles logged nothing: the check below would pass vacuously"
+        assert not [m for m in compiles if "_step_fn" in m], [m[:120] for m in compiles]
+    finally:
+        engine.close()
