@@ -11,9 +11,10 @@ block_until_ready. Between two all-reduces each device multiplies tanh(x) by its
 sums different data on each device and depends on the last (the compiled program keeps all 32); that elementwise
 pass is included in the time. Variants, each its own compile with its own compiler_options:
 
-    nccl                 XLA's defaults: async NCCL all-reduces
-    collective_kernels   what the engine compiles its step with (runtime/runner.py step_compiler_options)
-    sync                 xla_gpu_disable_async_collectives=ALLREDUCE: NCCL without the async start/done pair
+    nccl                 the engine's step options with --disable-custom-all-reduce: async NCCL all-reduces
+    collective_kernels   what the engine compiles its step with (runtime/runner.py step_compiler_options), which
+                         differs from nccl only in the collective-kernel option
+    sync                 nccl + xla_gpu_disable_async_collectives=ALLREDUCE: no async start/done pair
     kernels+sync         both
 
 Each variant's output is compared with nccl's before it is timed: "exact" is bitwise equal; "bf16" equal to within
@@ -40,9 +41,12 @@ BF16_TOLERANCE = 4 * 2.0**-8  # 4 ulps of bf16 in [0.5, 1)
 
 
 def variants(tp: int) -> dict[str, dict]:
+    # Both from the engine, so that they differ in the collective kernels alone (the step's other GPU options apply
+    # to both).
+    nccl = step_compiler_options(EngineConfig(tensor_parallel_size=tp, disable_custom_all_reduce=True), "gpu")
     kernels = step_compiler_options(EngineConfig(tensor_parallel_size=tp), "gpu")
     sync = {"xla_gpu_disable_async_collectives": "ALLREDUCE"}
-    return {"nccl": {}, "collective_kernels": kernels, "sync": sync, "kernels+sync": {**kernels, **sync}}
+    return {"nccl": nccl, "collective_kernels": kernels, "sync": {**nccl, **sync}, "kernels+sync": {**kernels, **sync}}
 
 
 def make_chain(mesh, options: dict):

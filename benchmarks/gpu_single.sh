@@ -3,9 +3,10 @@
 # <part>.log (everything printed) and <part>.tgz (the JSON files and profiler timelines).
 #   bash benchmarks/gpu_single.sh engine   # latency (+ a baseline from .baseline/), decode profile, T1, T3-500/1000
 #   bash benchmarks/gpu_single.sh online   # HF generate() vs jaxllm on the same requests, start-up, serving
-# Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks on the GPU machine").
+#   bash benchmarks/gpu_single.sh verify   # a change's check: latency with a baseline, profiles, T3-500
+# Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks").
 set -uo pipefail
-part=${1:?engine or online}
+part=${1:?engine, online or verify}
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 results=$OUT  # JSON files land in $OUT as they are made, so a run cut short still returns them
 exec > >(tee "$OUT/$part.log") 2>&1
@@ -43,6 +44,19 @@ engine)
     done
     step hf-random 150 python3 -m benchmarks.hf_baseline --batch-sizes 1,32,128 --input-len 512 --output-len 128 \
         --output-json "$results/hf_random.json"
+    ;;
+verify)  # after the step-option change: the latency table and a same-call baseline, steady-decode profiles, T3-500
+    step latency 150 python3 -m benchmarks.latency --output-json "$results/latency.json"
+    if [ -d .baseline ]; then
+        step latency-baseline 120 env PYTHONPATH=.baseline python3 -m benchmarks.latency \
+            --cases 1x1024,64x1024,256x1024 --output-json "$results/latency_baseline.json"
+    fi
+    for b in 1 64; do
+        step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
+            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
+    done
+    step t3-500 90 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
+        --no-roofline --output-json "$results/t3_500.json"
     ;;
 online)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

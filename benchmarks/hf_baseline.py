@@ -14,8 +14,9 @@ Same-workload mode: the requests of `benchmarks.throughput` (same lengths, same 
 
 Each batch is left-padded to its longest prompt (with an attention mask) and generates its longest requested output
 for every row (min_new_tokens = max_new_tokens, so no row stops early); only each request's own requested output
-tokens count as useful. A batch holds up to 2048 tokens per row, so batch 64 of Llama-3.1-8B needs ~17 GB of KV
-cache at the end of its longest batch, batch 256 ~69 GB. `--dataset random` draws what throughput.py draws with the
+tokens count as useful. A row holds the batch's longest prompt plus its longest output (sharegpt-like: up to 1024 +
+2044 tokens, 2,248 for 500 prompts in batches of 64); at 2048 tokens a row, batch 64 of Llama-3.1-8B needs ~17 GB of
+KV cache, batch 256 ~69 GB. `--dataset random` draws what throughput.py draws with the
 same --num-prompts / --input-len / --output-len / --seed (give them explicitly: the defaults differ).
 --max-duration-s starts no batch after that many seconds; batches run in request order, so the requests done are
 exactly those of `throughput.py --num-prompts <done>`, which the script prints.

@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
     for i in range(args.batch):
-        engine.add_request(str(i), {"prompt_token_ids": rng.integers(10, engine.model_config.vocab_size, args.context).tolist()}, params)
+        ids = rng.integers(10, engine.model_config.vocab_size, args.context).tolist()
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
     started: set[str] = set()
     while len(started) < args.batch:  # run the prefills until every request decodes
         started.update(o.request_id for o in engine.step())

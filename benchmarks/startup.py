@@ -33,7 +33,6 @@ _MARKERS = {
     "listening": r"listening on http://",
     "loading": r"start-up: loading weights 0/",
     "weights_loaded": r"start-up: loading weights (\d+)/\1\b",
-    "kv_planned": r"KV cache: \d+ blocks",
     "compile_started": r"start-up: compiling buckets 0/",
     "compiled": r"start-up: compiling buckets (\d+)/\1\b",
     "ready": r"engine ready in ([0-9.]+) s",

@@ -4,13 +4,15 @@
         --model <dir|gguf|omitted = default model> [--load-format dummy] [--dtype bfloat16] [-tp 1]
 
 Prompts are random token ids (fixed seed), ignore_eos=True so every request produces exactly its requested length.
-`--dataset sharegpt-like` draws (input, output) lengths from a fixed-seed synthetic distribution with mean ~210 in /
-~190 out, prompt <= 1024 and prompt + output <= 2048 (the ShareGPT dataset itself cannot be downloaded here).
+`--dataset sharegpt-like` draws (input, output) lengths from a fixed-seed synthetic distribution with mean ~185 in /
+~180 out, prompt <= 1024 and prompt + output <= 2048 (the ShareGPT dataset itself cannot be downloaded here).
 
 Unless --no-roofline, the card's copy bandwidth and bf16 matmul rate are measured first, in the same run, and the
 elapsed time is compared with the roofline: max(FLOP time, weight-read time), per GPU under tensor parallelism
-(all-reduces not included). FLOP time = 2 x weight params x (prompt + output tokens) / matmul rate. Weight-read time
-= forward passes x weight bytes / copy bandwidth, where a lower bound on the passes is
+(all-reduces not included). FLOP time = 2 x (layer params x (prompt + output tokens) + vocabulary-projection params
+x output tokens) / matmul rate: the embedding is a gather, and only sampled rows reach the vocabulary projection.
+Weight-read time = forward passes x weight bytes read per pass (all but an untied embedding table, of which a pass
+gathers only its tokens' rows) / copy bandwidth, where a lower bound on the passes is
 max(longest output, ceil(output tokens / max_num_seqs)): one request's tokens come one pass after another, and a
 pass samples at most one token for each of at most max_num_seqs sequences. KV-cache reads are left out (a lower
 bound still). ratio = roofline / elapsed, so 1.0 is at the roofline.
@@ -67,12 +69,15 @@ def describe_dataset(dataset: str, prompt_lens: list[int], output_lens: list[int
     return f"Dataset random: {text}"
 
 
-def roofline(*, weight_params: int, weight_bytes: int, prompt_tokens: int, output_lens: list[int],
+def roofline(*, layer_params: int, head_params: int, read_bytes: int, prompt_tokens: int, output_lens: list[int],
              max_num_seqs: int, copy_bandwidth: float, matmul_rate: float, tensor_parallel_size: int = 1) -> dict:
-    """Lower bound on the run's time (see the module docstring), per GPU; every argument is a whole-model figure."""
+    """Lower bound on the run's time (see the module docstring), per GPU; every argument is a whole-model figure:
+    `layer_params` all but the embedding and vocabulary projection, `head_params` the vocabulary projection's,
+    `read_bytes` the weight bytes one forward pass reads."""
     passes = max(max(output_lens), math.ceil(sum(output_lens) / max_num_seqs))
-    flop_s = 2 * weight_params * (prompt_tokens + sum(output_lens)) / (tensor_parallel_size * matmul_rate)
-    memory_s = passes * weight_bytes / (tensor_parallel_size * copy_bandwidth)
+    flops = 2 * (layer_params * (prompt_tokens + sum(output_lens)) + head_params * sum(output_lens))
+    flop_s = flops / (tensor_parallel_size * matmul_rate)
+    memory_s = passes * read_bytes / (tensor_parallel_size * copy_bandwidth)
     return {"roofline_s": max(flop_s, memory_s), "roofline_flop_s": flop_s, "roofline_weight_read_s": memory_s,
             "roofline_forward_passes": passes}
 
@@ -100,8 +105,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     # Imported here, not at the top, so hf_baseline can reuse draw_workload without loading JAX next to torch.
-    import jax
-
     from benchmarks import roofline as ceilings
     from jaxllm import LLM, SamplingParams
 
@@ -143,17 +146,16 @@ def main(argv=None) -> dict:
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} total tokens/s, "
           f"{result['output_tokens_per_s']:.2f} output tokens/s")
     if bandwidth is not None:
-        leaves = jax.tree_util.tree_leaves(llm.llm_engine.runner.params)
-        weight_bytes = sum(x.nbytes for x in leaves)
-        weight_params = sum(x.size for x in leaves)
-        bound = roofline(weight_params=weight_params, weight_bytes=weight_bytes, prompt_tokens=prompt_tokens,
-                         output_lens=output_lens, max_num_seqs=args.max_num_seqs, copy_bandwidth=bandwidth,
-                         matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
-        result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, weight_bytes=weight_bytes,
-                      weight_params=weight_params, roofline_ratio=bound["roofline_s"] / elapsed)
+        costs = ceilings.model_costs(llm.llm_engine.runner.params, llm.llm_engine.model_config)
+        read_bytes = costs["read_bytes"]
+        bound = roofline(layer_params=costs["layer_params"], head_params=costs["head_params"], read_bytes=read_bytes,
+                         prompt_tokens=prompt_tokens, output_lens=output_lens, max_num_seqs=args.max_num_seqs,
+                         copy_bandwidth=bandwidth, matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
+        result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, roofline_read_bytes=read_bytes,
+                      roofline_ratio=bound["roofline_s"] / elapsed)
         print(f"Roofline: {bound['roofline_s']:.2f} s (max of FLOPs {bound['roofline_flop_s']:.2f} s, weight reads "
               f"{bound['roofline_weight_read_s']:.2f} s = {bound['roofline_forward_passes']} passes x "
-              f"{weight_bytes / 1e9:.2f} GB); achieved/roofline throughput ratio {result['roofline_ratio']:.2f}")
+              f"{read_bytes / 1e9:.2f} GB); achieved/roofline throughput ratio {result['roofline_ratio']:.2f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({**vars(args), **result}, f, indent=2)

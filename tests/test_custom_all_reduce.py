@@ -23,7 +23,8 @@ from serving.cli import engine_config, parse_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "llama3"
-KERNELS = {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}
+GPU = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}  # every GPU step (runner.step_compiler_options)
+KERNELS = GPU | {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}
 
 CHILD = r"""
 import json, sys
@@ -78,9 +79,9 @@ def test_the_server_flag_reaches_the_engine_config():
 @pytest.mark.parametrize("platform, tp, disabled, nnodes, want", [
     ("gpu", 2, False, 1, KERNELS),
     ("gpu", 8, False, 1, KERNELS),
-    ("gpu", 2, True, 1, {}),  # --disable-custom-all-reduce: NCCL
-    ("gpu", 1, False, 1, {}),  # no collective to speed up
-    ("gpu", 4, False, 2, {}),  # across hosts, as vLLM's custom all-reduce: NCCL
+    ("gpu", 2, True, 1, GPU),  # --disable-custom-all-reduce: NCCL
+    ("gpu", 1, False, 1, GPU),  # no collective to speed up
+    ("gpu", 4, False, 2, GPU),  # across hosts, as vLLM's custom all-reduce: NCCL
     ("cpu", 2, False, 1, {}),
     ("tpu", 2, False, 1, {}),
 ])

@@ -265,19 +265,27 @@ class ModelRunner:
 
 
 def step_compiler_options(config: EngineConfig, platform: str) -> dict[str, str]:
-    """XLA options for the model step, the one jit whose program holds the tensor-parallel collectives.
+    """XLA options for the model step on GPU (none elsewhere).
 
-    A small batch's step is bound by its all-reduces of [T, D] activations (two per layer): on 2x H200 NCCL takes
-    60-100 us for each, mostly fixed cost. vLLM answers with a one-shot all-reduce kernel of its own, on unless
-    --disable-custom-all-reduce; XLA has one-shot / two-shot collective kernels, asked for here where vLLM would use
-    its own: one GPU host (vLLM's custom all-reduce is intra-node only), more than one device, not disabled
-    (benchmarks/allreduce.py measures both). The value is the DebugOptions enum's full name: per-compile options are
-    parsed by proto reflection, which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
+    Command buffers: XLA runs the step as a CUDA graph, which it must update whenever a buffer the graph touches
+    moves, and the step's inputs, outputs and temporaries move every step. On an H200 at batch 1 (Llama-3.1-8B) the
+    host spent ~3.1 ms per step updating the graph and ~2.3 ms launching it, more than the GPU's 4.4 ms of work;
+    "SKIP_TEMP" keeps temporaries from forcing the update and took the step from 6.4-7.7 to 4.2-4.5 ms in the same
+    process (benchmarks/step_options.py, RESULTS.md).
+
+    All-reduces under tensor parallelism (two per layer, of [T, D] activations): vLLM uses a one-shot all-reduce
+    kernel of its own unless --disable-custom-all-reduce; here XLA's one-shot / two-shot collective kernels take
+    that place: one GPU host (vLLM's custom all-reduce is intra-node only), more than one device, not disabled.
+    On 4x H200 over NVLink they measured the same as NCCL, 25-30 us per small all-reduce (benchmarks/allreduce.py,
+    RESULTS.md). The value is the DebugOptions enum's full name: per-compile options are parsed by proto reflection,
+    which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
     """
-    if (platform not in ("gpu", "cuda") or config.tensor_parallel_size == 1 or config.nnodes > 1
-            or config.disable_custom_all_reduce):
+    if platform not in ("gpu", "cuda"):
         return {}
-    return {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}
+    options = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}
+    if config.tensor_parallel_size > 1 and config.nnodes == 1 and not config.disable_custom_all_reduce:
+        options["xla_gpu_experimental_use_collective_kernels"] = "COLLECTIVE_KERNEL_ALL_REDUCE"
+    return options
 
 
 def _static_fields(metadata: SamplingMetadata) -> dict:

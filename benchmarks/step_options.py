@@ -1,0 +1,76 @@
+"""XLA options for the model step, compared in one process on one card: decode step time and TTFT per variant.
+
+    python -m benchmarks.step_options --cases 1x32,1x1024,64x1024
+
+Why: a batch-1 trace of Llama-3.1-8B on an H200 showed the host spending ~3.1 ms per step updating the step's CUDA
+graph (XLA "command buffers": the step's input and output buffers move every step) and ~2.3 ms launching it, more
+than the 4.4 ms the GPU works; the step is host-bound. Variants: the engine's options (command buffers whose
+temporary buffers do not force an update), XLA's default update mode, and command buffers off (kernels launched one
+by one, asynchronously).
+Each variant builds its engine with `runner.step_compiler_options` extended by the variant's options (this script
+only; the engine's own choice lives in that function).
+"""
+
+import argparse
+import json
+
+from benchmarks.latency import run_batch
+from jaxllm import EngineConfig, LLMEngine
+from jaxllm.runtime import runner
+
+VARIANTS = {  # options laid over the engine's own; None removes one, so XLA's default applies
+    "engine": {},
+    "xla-default-update": {"xla_gpu_command_buffer_update_mode": None},
+    "no-command-buffers": {"xla_gpu_enable_command_buffer": ""},
+}
+
+
+def measure(variant: str, cases: list[tuple[int, int]], args) -> list[dict]:
+    chosen = runner.step_compiler_options
+
+    def with_variant(config, platform):
+        options = {**chosen(config, platform), **VARIANTS[variant]}
+        return {key: value for key, value in options.items() if value is not None}
+
+    runner.step_compiler_options = with_variant
+    try:
+        engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", enforce_eager=True,
+                                        skip_tokenizer_init=True, max_model_len=4096))
+    finally:
+        runner.step_compiler_options = chosen
+    rows = []
+    try:  # a variant XLA rejects fails at its first compile, here: free its KV cache for the next variant
+        for batch, context in cases:
+            run_batch(engine, batch=batch, context=context, decode_steps=4, seed=1)  # compile and warm up
+            row = run_batch(engine, batch=batch, context=context, decode_steps=args.decode_steps)
+            rows.append({"variant": variant, **row})
+            print(f"{variant:20s} batch {batch:4d} ctx {context:5d}: decode step {row['decode_step_s'] * 1e3:7.2f} "
+                  f"ms  TTFT {row['ttft_s'] * 1e3:8.1f} ms", flush=True)
+    finally:
+        engine.close()
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
+    parser.add_argument("--cases", default="1x32,1x1024,64x1024", help="batch x context, ...")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args(argv)
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    rows = []
+    for variant in args.variants.split(","):
+        try:
+            rows += measure(variant, cases, args)
+        except Exception as exc:  # a variant XLA rejects: say so and go on to the next
+            print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
