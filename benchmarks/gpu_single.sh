@@ -10,22 +10,12 @@ part=${1:?engine, online or verify}
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 results=$OUT  # JSON files land in $OUT as they are made, so a run cut short still returns them
 exec > >(tee "$OUT/$part.log") 2>&1
+source benchmarks/device_call.sh
 model=benchmarks/configs/llama-3.1-8b
 dummy=(--model "$model" --load-format dummy --dtype bfloat16 --skip-tokenizer-init)
-deadline=570  # seconds: the device call's 600 s limit, less the packing at the end
-mkdir -p /tmp/traces
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
-step() {  # step NAME SECONDS CMD...: run with a time limit (never past the deadline), say how long it took
-    local name=$1 limit=$2 left=$((deadline - SECONDS))
-    shift 2
-    if [ "$left" -lt 30 ]; then echo "=== $name: skipped, ${left} s left"; return; fi
-    echo "=== $name ($(date +%T))"
-    local start=$SECONDS
-    timeout $((limit < left ? limit : left)) "$@"
-    echo "=== $name: exit $?, $((SECONDS - start)) s"
-}
 
 case $part in
 engine)
@@ -77,5 +67,4 @@ online)
         --output-json "$results/serving.json"
     ;;
 esac
-# Pack the JSON files and the traces' timelines (not their large .xplane.pb) into one archive.
-cd "$OUT" && tar czf "$part.tgz" --exclude="*.xplane.pb" *.json -C /tmp traces 2>/dev/null && rm -f *.json
+pack_results "$part"

@@ -5,23 +5,11 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 exec > >(tee "$OUT/tp.log") 2>&1
-deadline=570
-mkdir -p /tmp/traces
+source benchmarks/device_call.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nvidia-smi topo -m | head -6
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
-step() {  # step NAME SECONDS CMD...: run with a time limit (never past the deadline), say how long it took
-    local name=$1 limit=$2 left=$((deadline - SECONDS))
-    shift 2
-    if [ "$left" -lt 30 ]; then echo "=== $name: skipped, ${left} s left"; return 1; fi
-    echo "=== $name ($(date +%T))"
-    local start=$SECONDS
-    timeout $((limit < left ? limit : left)) "$@"
-    local rc=$?
-    echo "=== $name: exit $rc, $((SECONDS - start)) s"
-    return $rc
-}
 b8=benchmarks/configs/llama-3.1-8b
 b70=benchmarks/configs/llama-3.1-70b
 step allreduce 90 python3 -m benchmarks.allreduce --tp 2 4 --hidden 8192 --tokens 1 8 64 256 \
@@ -38,4 +26,4 @@ step profile-70b-tp4 120 python3 -m benchmarks.profile_decode --model $b70 -tp 4
     --trace-dir /tmp/traces/70b_tp4_b1 --output-json "$OUT/profile_70b_tp4.json"
 step t1-8b-tp2 120 python3 -m benchmarks.throughput --model $b8 --load-format dummy --dtype bfloat16 \
     --skip-tokenizer-init -tp 2 --input-len 1024 --output-len 128 --num-prompts 1000 --output-json "$OUT/t1_8b_tp2.json"
-cd "$OUT" && tar czf tp.tgz --exclude="*.xplane.pb" *.json -C /tmp traces 2>/dev/null && rm -f *.json
+pack_results tp

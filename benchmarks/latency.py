@@ -96,11 +96,11 @@ def main(argv=None) -> dict:
                           annotate=trace_dir is not None)
         # Per GPU under tensor parallelism (each reads 1/tp of the weights and KV); all-reduces not included.
         tp = args.tensor_parallel_size
-        floor = (costs["read_bytes"] + batch * context * costs["kv_bytes_per_token"]) / (tp * bandwidth)
+        floor = (costs.read_bytes + batch * context * costs.kv_bytes_per_token) / (tp * bandwidth)
         r["decode_roofline_s"] = floor
         r["decode_ratio"] = r["decode_step_s"] / floor
         if batch == 1:
-            r["ttft_roofline_s"] = roofline.prefill_flops(costs, context) / (tp * flops)
+            r["ttft_roofline_s"] = costs.prefill_flops(context) / (tp * flops)
             r["ttft_ratio"] = r["ttft_s"] / r["ttft_roofline_s"]
         rows.append(r)
         print(f"batch {batch:4d} ctx {context:5d}: decode step {r['decode_step_s'] * 1e3:7.2f} ms "
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
             for device in trace_summary.summarize(trace_dir, top=5, annotation="ttft")["devices"]:
                 print(f"  trace {trace_dir}, TTFT window, {trace_summary.one_line(device)}", flush=True)
     result = {"card": roofline.device_name(), "copy_bandwidth": bandwidth, "matmul_rate": flops,
-              "weight_bytes_read": costs["read_bytes"], "rows": rows}
+              "weight_bytes_read": costs.read_bytes, "rows": rows}
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

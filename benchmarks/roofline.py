@@ -3,6 +3,7 @@
 Each loops on the device (a while loop or chained products) so host synchronisation stays out of the figure.
 """
 
+import dataclasses
 import time
 
 import jax
@@ -59,35 +60,37 @@ def matmul_rate() -> float:
     return 2 * 8192 ** 3 / float(np.median(times))
 
 
-def model_costs(params: dict, config) -> dict:
-    """What a forward pass costs at least, from the params as the engine holds them (BENCHMARKS.md's rooflines).
+@dataclasses.dataclass(frozen=True)
+class ModelCosts:
+    """What a forward pass costs at least (BENCHMARKS.md's rooflines), from the params as the engine holds them."""
 
-    read_bytes: weight bytes one decode step reads: all but an untied embedding table, of which a step gathers only
-    its tokens' rows (Llama-3.1-8B: 15.01 GB). layer_params / head_params: multiply-adds per token through the
-    layers / per sampled row through the vocabulary projection (the embedding is a gather, not a product).
-    kv_bytes_per_token: K and V of one token over all layers. attention_flops(T): causal self-attention of a
-    T-token prompt (QK^T and PV over half the T x T scores).
-    """
+    read_bytes: int  # weight bytes a decode step reads: all but an untied embedding table (it only gathers rows)
+    layer_params: int  # multiply-adds per token through the layers (the embedding is a gather, not a product)
+    head_params: int  # multiply-adds per sampled row through the vocabulary projection
+    kv_bytes_per_token: int  # K and V of one token over all layers, bf16 cache
+    attention_width: int  # q-heads x head_dim x layers
+
+    def attention_flops(self, tokens: int) -> float:
+        """Causal self-attention of a `tokens`-long prompt: QK^T and PV over half the T x T scores."""
+        return 2 * tokens * tokens * self.attention_width
+
+    def prefill_flops(self, tokens: int, sampled_rows: int = 1) -> float:
+        """One prompt's prefill: the layers for every token, attention, the projection of the sampled rows."""
+        return 2 * self.layer_params * tokens + self.attention_flops(tokens) + 2 * self.head_params * sampled_rows
+
+
+def model_costs(params: dict, config) -> ModelCosts:
+    """Llama-3.1-8B: 15.01 GB read per decode step, 6.98 G layer params, 0.53 G in the vocabulary projection."""
     leaves = jax.tree_util.tree_leaves(params)
     embed = params["embed"]
     head = params.get("lm_head", embed)  # tied: the table is the projection
     untied_embed = head is not embed
-    kv_itemsize = 2  # bf16 cache
-    heads_dim = config.num_q_heads * config.head_dim
-    return {
-        "read_bytes": sum(x.nbytes for x in leaves) - (embed.nbytes if untied_embed else 0),
-        "layer_params": sum(x.size for x in leaves) - embed.size - (head.size if untied_embed else 0),
-        "head_params": head.size,
-        "kv_bytes_per_token": 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_itemsize,
-        "attention_flops": lambda tokens: 2 * tokens * tokens * heads_dim * config.num_layers,
-    }
-
-
-def prefill_flops(costs: dict, tokens: int, sampled_rows: int = 1) -> float:
-    """FLOPs of one prompt's prefill: the layers for every token, attention, the vocabulary projection for the rows
-    that are sampled."""
-    layers = 2 * costs["layer_params"] * tokens + costs["attention_flops"](tokens)
-    return layers + 2 * costs["head_params"] * sampled_rows
+    return ModelCosts(
+        read_bytes=sum(x.nbytes for x in leaves) - (embed.nbytes if untied_embed else 0),
+        layer_params=sum(x.size for x in leaves) - embed.size - (head.size if untied_embed else 0),
+        head_params=head.size,
+        kv_bytes_per_token=2 * config.num_layers * config.num_kv_heads * config.head_dim * 2,
+        attention_width=config.num_q_heads * config.head_dim * config.num_layers)
 
 
 def device_name() -> str:

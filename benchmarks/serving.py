@@ -156,19 +156,24 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def server_command(model: str | None, load_format: str, extra_args=()) -> list[str]:
+    """`python -m serving.api_server` for a benchmark client: 127.0.0.1, a port the server picks (it logs it), model
+    name "bench", no stats lines. A dummy-weight model gets a directory with a synthetic tokenizer beside its config."""
+    if load_format == "dummy":
+        if model is None:
+            raise SystemExit("--load-format dummy needs --model: a directory with a config.json")
+        model = make_model_dir(model, tempfile.mkdtemp(prefix="jaxllm-bench-"))
+    return [sys.executable, "-m", "serving.api_server", *(["--model", model] if model else []),
+            "--load-format", load_format, "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "0",
+            "--disable-log-stats", "--disable-uvicorn-access-log", *extra_args]
+
+
 def start_server(args, extra_args: list[str] = (), *, env: dict | None = None, log_path: str | None = None,
                  timeout: float = 900) -> tuple[subprocess.Popen, str, str]:
     """Launch `python -m serving.api_server` on a free port of 127.0.0.1; return (process, base URL, log path) once
     /health answers 200."""
-    model = args.model
-    if args.load_format == "dummy":
-        if model is None:
-            raise SystemExit("--load-format dummy needs --model: a directory with a config.json")
-        model = make_model_dir(model, tempfile.mkdtemp(prefix="jaxllm-bench-"))
+    cmd = server_command(args.model, args.load_format, extra_args)
     log_path = log_path or tempfile.NamedTemporaryFile(suffix=".log", prefix="jaxllm-server-", delete=False).name
-    cmd = [sys.executable, "-m", "serving.api_server", *(["--model", model] if model else []),
-           "--load-format", args.load_format, "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "0",
-           "--disable-log-stats", "--disable-uvicorn-access-log", *extra_args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = wait_healthy(proc, log_path, timeout)

@@ -19,14 +19,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
 import httpx
 
-from benchmarks.serving import card_name, stop_server, wait_healthy
-from benchmarks.synthetic_model import make_model_dir
+from benchmarks.serving import card_name, server_command, stop_server, wait_healthy
 
 # (phase key, regex on the server log); the first match of each is taken, "compiled" the last.
 _MARKERS = {
@@ -142,16 +140,9 @@ def main(argv=None) -> dict:
     if os.path.isdir(cache_dir) and os.listdir(cache_dir):
         parser.error(f"--cache-dir {cache_dir} is not empty: the first run must be cold")
     os.makedirs(cache_dir, exist_ok=True)
-    model = args.model
-    if args.load_format == "dummy":
-        if model is None:
-            parser.error("--load-format dummy needs --model: a directory with a config.json")
-        model = make_model_dir(model, tempfile.mkdtemp(prefix="jaxllm-bench-"))
-    cmd = [sys.executable, "-m", "serving.api_server", *(["--model", model] if model else []),
-           "--load-format", args.load_format, "--dtype", args.dtype,
-           *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
-           "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "0", "--disable-log-stats",
-           "--disable-uvicorn-access-log", *args.server_args]
+    cmd = server_command(args.model, args.load_format,
+                         ["--dtype", args.dtype, *(["--max-model-len", str(args.max_model_len)] if args.max_model_len
+                                                   else []), *args.server_args])
 
     card = card_name()
     print(f"card: {card}\ncompile cache: {cache_dir} (XDG_CACHE_HOME of the server)\nserver: {' '.join(cmd)}",

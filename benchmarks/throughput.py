@@ -147,8 +147,8 @@ def main(argv=None) -> dict:
           f"{result['output_tokens_per_s']:.2f} output tokens/s")
     if bandwidth is not None:
         costs = ceilings.model_costs(llm.llm_engine.runner.params, llm.llm_engine.model_config)
-        read_bytes = costs["read_bytes"]
-        bound = roofline(layer_params=costs["layer_params"], head_params=costs["head_params"], read_bytes=read_bytes,
+        read_bytes = costs.read_bytes
+        bound = roofline(layer_params=costs.layer_params, head_params=costs.head_params, read_bytes=read_bytes,
                          prompt_tokens=prompt_tokens, output_lens=output_lens, max_num_seqs=args.max_num_seqs,
                          copy_bandwidth=bandwidth, matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
         result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, roofline_read_bytes=read_bytes,

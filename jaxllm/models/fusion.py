@@ -46,26 +46,22 @@ def fuse_params(params: dict, fusions: tuple[FusedProjection, ...], config: Mode
 def _fuse_layer(layer: dict, fusions: tuple[FusedProjection, ...], config: ModelConfig, mesh: Mesh) -> dict:
     out = dict(layer)
     tp = sharding.tp_size(mesh)
+    # Each kv-head fills this many KV cache head slots (more than 1 only when kv-heads are fewer than devices).
+    kv_repeats = sharding.kv_cache_heads(config.num_kv_heads, tp) // config.num_kv_heads
     for fusion in fusions:
         if not any(part in layer for part in fusion.parts):
             continue  # e.g. the biases of a model without bias
         assert all(part in layer for part in fusion.parts), (fusion, sorted(layer))
         parts = tuple(out.pop(part) for part in fusion.parts)
-        widths = [w.shape[-1] * _slot_repeats(name, config, tp) for name, w in zip(fusion.parts, parts)]
+        widths = [w.shape[-1] * (kv_repeats if name in sharding.KV_HEAD_PARAMS else 1)
+                  for name, w in zip(fusion.parts, parts)]
         shards = tp if all(width % tp == 0 for width in widths) else 1
         shape = (*parts[0].shape[:-1], shards, sum(widths) // shards)
         # One small program per distinct shape, compiled once and reused by every layer (as dummy.py does).
         concat = jax.jit(_concatenate_shards, static_argnums=(1, 2, 3, 4),
                          out_shardings=sharding.param_sharding(fusion.name, shape, mesh))
-        out[fusion.name] = concat(parts, fusion.parts, shards, _slot_repeats("k_proj", config, tp), config.head_dim)
+        out[fusion.name] = concat(parts, fusion.parts, shards, kv_repeats, config.head_dim)
     return out
-
-
-def _slot_repeats(part: str, config: ModelConfig, tp: int) -> int:
-    """How many KV cache head slots hold each kv-head (1 unless kv-heads are fewer than devices); 1 for other parts."""
-    if part not in sharding.KV_HEAD_PARAMS:
-        return 1
-    return sharding.kv_cache_heads(config.num_kv_heads, tp) // config.num_kv_heads
 
 
 def _concatenate_shards(parts: tuple[jax.Array, ...], names: tuple[str, ...], shards: int, kv_repeats: int,
