@@ -3,16 +3,22 @@
 # <part>.log (everything printed) and <part>.tgz (the JSON files and profiler timelines).
 #   bash benchmarks/gpu_single.sh engine   # latency (+ a baseline from .baseline/), decode profile, T1, T3-500/1000
 #   bash benchmarks/gpu_single.sh online   # HF generate() vs jaxllm on the same requests, start-up, serving
-#   bash benchmarks/gpu_single.sh verify   # a change's check: latency with a baseline, profiles, T3-500
-# Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks").
+#   bash benchmarks/gpu_single.sh verify   # a change's check: latency and T3-500 with a baseline, a decode profile
+#   bash benchmarks/gpu_single.sh more     # T1, the XLA step-option variants, start-up cold and warm
+#   bash benchmarks/gpu_single.sh t2       # T2: random 1024 in / 1024 out and 128 / 2048, 1000 prompts each
+# Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks"). The baseline is the code
+# before a change, unpacked in .baseline/ (`git archive <commit> jaxllm pallas_kernels benchmarks`) and run from
+# inside it: `python -m` puts the working directory ahead of PYTHONPATH, so PYTHONPATH=.baseline alone would
+# import the current code.
 set -uo pipefail
-part=${1:?engine, online or verify}
+part=${1:?engine, online, verify, more or t2}
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-results=$OUT  # JSON files land in $OUT as they are made, so a run cut short still returns them
-exec > >(tee "$OUT/$part.log") 2>&1
+results=$(cd "$OUT" && pwd)  # JSON files land in $OUT as they are made, so a run cut short still returns them
+exec > >(tee "$results/$part.log") 2>&1
 source benchmarks/device_call.sh
 model=benchmarks/configs/llama-3.1-8b
 dummy=(--model "$model" --load-format dummy --dtype bfloat16 --skip-tokenizer-init)
+baseline=(env -C .baseline PYTHONPATH=.)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
@@ -20,7 +26,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 case $part in
 engine)
     if [ -d .baseline ]; then  # the code before this change, same card, same call
-        step latency-baseline 150 env PYTHONPATH=.baseline python3 -m benchmarks.latency --cases 1x1024,64x1024 \
+        step latency-baseline 150 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x1024,64x1024 \
             --output-json "$results/latency_baseline.json"
     fi
     step latency 200 python3 -m benchmarks.latency --trace-dir /tmp/traces/ttft --output-json "$results/latency.json"
@@ -35,18 +41,33 @@ engine)
     step hf-random 150 python3 -m benchmarks.hf_baseline --batch-sizes 1,32,128 --input-len 512 --output-len 128 \
         --output-json "$results/hf_random.json"
     ;;
-verify)  # after the step-option change: the latency table and a same-call baseline, steady-decode profiles, T3-500
-    step latency 150 python3 -m benchmarks.latency --output-json "$results/latency.json"
-    if [ -d .baseline ]; then
-        step latency-baseline 120 env PYTHONPATH=.baseline python3 -m benchmarks.latency \
-            --cases 1x1024,64x1024,256x1024 --output-json "$results/latency_baseline.json"
-    fi
-    for b in 1 64; do
-        step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
-            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
-    done
-    step t3-500 90 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
+verify)  # a change against the code before it, same card, same call: latency, T3-500, then a decode profile
+    step latency 130 python3 -m benchmarks.latency --cases 1x32,1x1024,64x1024,256x1024 \
+        --output-json "$results/latency.json"
+    step latency-baseline 110 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x32,1x1024,64x1024,256x1024 \
+        --output-json "$results/latency_baseline.json"
+    step t3-500 100 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
         --no-roofline --output-json "$results/t3_500.json"
+    step t3-500-baseline 100 "${baseline[@]}" python3 -m benchmarks.throughput "${dummy[@]}" \
+        --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500_baseline.json"
+    step profile-b1 60 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
+        --output-json "$results/profile_b1.json"
+    ;;
+more)  # T1, the step-option variants in one process, start-up cold and warm
+    step t1 170 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
+        --output-json "$results/t1.json"
+    step step-options 150 python3 -m benchmarks.step_options --cases 1x1024,64x1024 --variants engine,skip-profiled \
+        --output-json "$results/step_options.json"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
+        --dtype bfloat16 --output-json "$results/startup.json"
+    ;;
+t2)
+    step t2-1024 280 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 1024 \
+        --num-prompts 1000 --output-json "$results/t2_1024.json"
+    step t2-2048 280 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 128 --output-len 2048 \
+        --num-prompts 1000 --output-json "$results/t2_2048.json"
     ;;
 online)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

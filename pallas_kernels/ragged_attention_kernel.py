@@ -146,16 +146,7 @@ def ragged_attention_triton(
     # the padding tokens. Their sum is <= T / Q + S + 1 and <= T, a static bound NB; the blocks past them carry
     # the sentinel sequence S and a first token >= T, and return at once.
     num_blocks = max(1, min(pl.cdiv(num_tokens, block_q) + num_seqs + 1, num_tokens))
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    blocks_end = jnp.cumsum(pl.cdiv(q_lens, block_q))  # i32[S]
-    # Heaviest blocks (last of each sequence, most causal context) first: fewer programs left in the tail wave.
-    block = num_blocks - 1 - jnp.arange(num_blocks, dtype=jnp.int32)
-    blk_seq = jnp.searchsorted(blocks_end, block, side="right").astype(jnp.int32)
-    blk_seq_c = jnp.minimum(blk_seq, num_seqs - 1)
-    first_block = jnp.where(blk_seq < num_seqs, blocks_end[blk_seq_c] - pl.cdiv(q_lens[blk_seq_c], block_q),
-                            blocks_end[-1])
-    first_tok = jnp.where(blk_seq < num_seqs, query_start_loc[blk_seq_c], query_start_loc[-1])
-    blk_tok = (first_tok + (block - first_block) * block_q).astype(jnp.int32)
+    blk_seq, blk_tok = query_blocks(query_start_loc, num_blocks, block_q)
 
     block_k, num_stages = tile.fit_shared_memory(config.block_k, config.num_stages, config.block_rows, head_dim,
                                                  q.dtype.itemsize)
@@ -171,3 +162,22 @@ def ragged_attention_triton(
         interpret=interpret,
         name="ragged_paged_attention",
     )(blk_seq, blk_tok, query_start_loc, seq_lens, block_tables, q, k_pages.reshape(flat), v_pages.reshape(flat))
+
+
+def query_blocks(query_start_loc: jax.Array, num_blocks: int, block_q: int) -> tuple[jax.Array, jax.Array]:
+    """Each of the NB query blocks' sequence (S for the blocks past the real ones) and first token, i32[NB] each.
+
+    The block -> sequence search is unrolled: XLA runs a `while` loop on the GPU one host round trip per iteration,
+    outside the step's CUDA graph, which made every mixed step wait for the device before the host could launch
+    the rest of it."""
+    num_seqs = query_start_loc.shape[0] - 1
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    blocks_end = jnp.cumsum(pl.cdiv(q_lens, block_q))  # i32[S]
+    # Heaviest blocks (last of each sequence, most causal context) first: fewer programs left in the tail wave.
+    block = num_blocks - 1 - jnp.arange(num_blocks, dtype=jnp.int32)
+    blk_seq = jnp.searchsorted(blocks_end, block, side="right", method="scan_unrolled").astype(jnp.int32)
+    blk_seq_c = jnp.minimum(blk_seq, num_seqs - 1)
+    first_block = jnp.where(blk_seq < num_seqs, blocks_end[blk_seq_c] - pl.cdiv(q_lens[blk_seq_c], block_q),
+                            blocks_end[-1])
+    first_tok = jnp.where(blk_seq < num_seqs, query_start_loc[blk_seq_c], query_start_loc[-1])
+    return blk_seq, (first_tok + (block - first_block) * block_q).astype(jnp.int32)

@@ -10,10 +10,19 @@ from jaxllm.runtime import inputs, transfer
 from jaxllm.runtime.buckets import BucketPlan
 
 
-def test_bucket_plan_covers_every_batch_with_the_smallest_layout():
-    plan = BucketPlan(max_num_seqs=48, max_num_batched_tokens=300, max_blocks=8)
-    assert plan.decode_sizes == [1, 2, 4, 8, 16, 32, 48]
-    assert plan.token_sizes == [16, 32, 64, 128, 256, 300]
+def test_bucket_sizes_double_and_grow_4x_below_coarse_below():
+    fine = BucketPlan(max_num_seqs=48, max_num_batched_tokens=300, max_blocks=8)
+    assert fine.decode_sizes == [1, 2, 4, 8, 16, 32, 48]
+    assert fine.token_sizes == [16, 32, 64, 128, 256, 300]
+    gpu = BucketPlan(max_num_seqs=256, max_num_batched_tokens=8192, max_blocks=8, coarse_below=64)
+    assert gpu.decode_sizes == [1, 4, 16, 64, 128, 256]
+    assert gpu.token_sizes == [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert BucketPlan(max_num_seqs=2, max_num_batched_tokens=8, max_blocks=8, coarse_below=64).token_sizes == [8]
+
+
+@pytest.mark.parametrize("coarse_below", [0, 64])
+def test_bucket_plan_covers_every_batch_with_the_smallest_layout(coarse_below):
+    plan = BucketPlan(max_num_seqs=48, max_num_batched_tokens=300, max_blocks=8, coarse_below=coarse_below)
     rng = np.random.default_rng(0)
     for _ in range(200):
         seqs = int(rng.integers(1, 49))
@@ -25,6 +34,7 @@ def test_bucket_plan_covers_every_batch_with_the_smallest_layout():
         assert not smaller or smaller[-1] < tokens
         decode = plan.pick(seqs, seqs, decode_only=True)
         assert decode in plan.layouts() and decode.num_tokens == decode.num_seqs >= seqs
+        assert not [n for n in plan.decode_sizes if seqs <= n < decode.num_seqs]
 
 
 def test_pack_lays_out_ragged_sequences_and_pads_to_the_null_block():
@@ -53,8 +63,7 @@ def test_transfer_round_trips_every_leaf_dtype(seed):
             "u": rng.integers(0, 2**32, size=(2, 2), dtype=np.uint32), "i": rng.integers(-9, 9, size=4, dtype=np.int32),
             "nested": (rng.standard_normal(2).astype(np.float32),)}
     buffer, layout = transfer.pack(tree)
-    prefix = np.arange(6, dtype=np.int32)
-    out = jax.jit(transfer.unpack, static_argnums=(1, 2))(jnp.asarray(np.concatenate([prefix, buffer])), layout, 6)
+    out = jax.jit(transfer.unpack, static_argnums=(1,))(jnp.asarray(buffer), layout)
     for got, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(tree)):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(np.asarray(got), want)

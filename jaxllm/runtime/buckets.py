@@ -1,8 +1,10 @@
 """The finite set of step shapes. Every jitted step is compiled for one of these layouts and nothing else.
 
-Decode-only batches (one token per sequence, T == S) get power-of-two sizes up to max_num_seqs; batches with
-prefill chunks get power-of-two token counts up to max_num_batched_tokens, with room for min(T, max_num_seqs)
-sequences (a sequence brings at least one token, so S <= T always fits).
+Decode-only batches (one token per sequence, T == S) get sizes from 1 up to max_num_seqs; batches with prefill
+chunks get token counts from 16 up to max_num_batched_tokens, with room for min(T, max_num_seqs) sequences (a
+sequence brings at least one token, so S <= T always fits). Sizes double, except below `coarse_below` rows, where
+they grow 4x: on a GPU a step of fewer than ~64 rows costs what one row costs (it is bound by reading the weights,
+and padding rows read no KV), so finer sizes there would only add programs to compile and load at start-up.
 """
 
 import dataclasses
@@ -24,8 +26,11 @@ class BatchLayout:
         return self.num_tokens if self.all_logits else self.num_seqs
 
 
-def _powers_of_two(low: int, high: int) -> list[int]:
-    sizes = [1 << i for i in range(max(0, math.ceil(math.log2(low))), math.ceil(math.log2(high)) + 1)]
+def _sizes(low: int, high: int, coarse_below: int) -> list[int]:
+    """Powers of two from `low` (one itself) while below `coarse_below` each 4x the last, then 2x; capped by `high`."""
+    sizes = [1 << max(0, math.ceil(math.log2(low)))]
+    while sizes[-1] < high:
+        sizes.append(sizes[-1] * (4 if sizes[-1] * 4 <= coarse_below else 2))
     return [s for s in sizes if s < high] + [high]
 
 
@@ -34,14 +39,15 @@ class BucketPlan:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_blocks: int
+    coarse_below: int = 0  # rows below which sizes grow 4x instead of 2x (0: always 2x)
 
     @property
     def decode_sizes(self) -> list[int]:
-        return _powers_of_two(1, self.max_num_seqs)
+        return _sizes(1, self.max_num_seqs, self.coarse_below)
 
     @property
     def token_sizes(self) -> list[int]:
-        return _powers_of_two(16, self.max_num_batched_tokens)
+        return _sizes(16, self.max_num_batched_tokens, self.coarse_below)
 
     def layouts(self) -> list[BatchLayout]:
         """Every layout compiled at start-up."""

@@ -1,4 +1,4 @@
-"""One host->device transfer per step: every numpy leaf of the step's inputs packed into a single i32 buffer.
+"""The sampler's inputs in one transfer: every numpy leaf of a pytree packed into a single i32 buffer.
 
 Leaves are bit-cast (f32, u32 -> i32) or widened (bool -> i32) on the host and restored on the device by static
 slices, so the packed layout is part of the jit's static arguments and the device sees one contiguous copy.
@@ -37,9 +37,9 @@ def pack(tree) -> tuple[np.ndarray, PackedLayout]:
     return np.concatenate([_as_i32(leaf) for leaf in leaves] or [np.zeros(0, np.int32)]), layout
 
 
-def unpack(buffer: jax.Array, layout: PackedLayout, offset: int = 0):
-    """Inside jit: rebuild the pytree from `buffer[offset:offset + layout.size]`."""
-    leaves = []
+def unpack(buffer: jax.Array, layout: PackedLayout):
+    """Inside jit: rebuild the pytree from `buffer`."""
+    leaves, offset = [], 0
     for shape, dtype in layout.leaves:
         size = int(np.prod(shape))
         flat = jax.lax.slice(buffer, (offset,), (offset + size,))
