@@ -4,14 +4,15 @@
 #   bash benchmarks/gpu_single.sh engine   # latency (+ a baseline from .baseline/), decode profile, T1, T3-500/1000
 #   bash benchmarks/gpu_single.sh online   # HF generate() vs jaxllm on the same requests, start-up, serving
 #   bash benchmarks/gpu_single.sh verify   # a change's check: latency and T3-500 with a baseline, a decode profile
-#   bash benchmarks/gpu_single.sh more     # T1, the XLA step-option variants, start-up cold and warm
-#   bash benchmarks/gpu_single.sh t2       # T2: random 1024 in / 1024 out and 128 / 2048, 1000 prompts each
+#   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
+#   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
+#   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
 # Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks"). The baseline is the code
 # before a change, unpacked in .baseline/ (`git archive <commit> jaxllm pallas_kernels benchmarks`) and run from
 # inside it: `python -m` puts the working directory ahead of PYTHONPATH, so PYTHONPATH=.baseline alone would
 # import the current code.
 set -uo pipefail
-part=${1:?engine, online, verify, more or t2}
+part=${1:?engine, online, verify, more, t2 or final}
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 results=$(cd "$OUT" && pwd)  # JSON files land in $OUT as they are made, so a run cut short still returns them
 exec > >(tee "$results/$part.log") 2>&1
@@ -53,17 +54,33 @@ verify)  # a change against the code before it, same card, same call: latency, T
     step profile-b1 60 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
         --output-json "$results/profile_b1.json"
     ;;
-more)  # T1, the step-option variants in one process, start-up cold and warm
+more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
+    step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \
+        --trace-dir /tmp/traces/prefill --output-json "$results/profile_prefill.json"
     step t1 170 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
         --output-json "$results/t1.json"
-    step step-options 150 python3 -m benchmarks.step_options --cases 1x1024,64x1024 --variants engine,skip-profiled \
+    step step-options 110 python3 -m benchmarks.step_options --cases 1x1024 --variants engine,skip-profiled \
         --output-json "$results/step_options.json"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
         --dtype bfloat16 --output-json "$results/startup.json"
     ;;
-t2)
+final)  # the latency table (new and baseline engine, the same benchmark code), decode idle at 1 and 64, HF ratio
+    step latency 140 python3 -m benchmarks.latency --output-json "$results/latency.json"
+    step latency-baseline 110 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
+        --output-json "$results/latency_baseline.json"
+    for b in 1 64; do
+        step "profile-b$b" 50 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
+            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
+    done
+    step hf-sharegpt 100 python3 -m benchmarks.hf_baseline --dataset sharegpt-like --num-prompts 32 --batch-size 32 \
+        --max-duration-s 80 --output-json "$results/hf_sharegpt.json"
+    step ours-sharegpt 60 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
+        --no-roofline --output-json "$results/ours_sharegpt.json"
+    ;;
+t2)  # device memory after each start-up phase, then T2
+    step memory 60 python3 -m benchmarks.memory --model "$model" --output-json "$results/memory.json"
     step t2-1024 280 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 1024 \
         --num-prompts 1000 --output-json "$results/t2_1024.json"
     step t2-2048 280 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 128 --output-len 2048 \

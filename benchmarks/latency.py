@@ -24,12 +24,16 @@ from jaxllm import EngineConfig, LLMEngine, SamplingParams
 
 def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int, seed: int = 0,
               annotate: bool = False) -> dict:
-    """Submit `batch` requests of `context` prompt tokens; time the prefill and the steady decode steps. With
-    `annotate`, the time to the first tokens is a `ttft` TraceAnnotation for a profiler trace."""
+    """Submit `batch` requests of `context` prompt tokens; time the prefill, then `decode_steps` steps once every
+    request decodes, and abort them. (Chunked prefill starts the first requests decoding while the last still
+    prefill: had each stopped after a fixed number of tokens, the timed steps would run shrinking batches, and with
+    enforce_eager compile each new size inside the timing.) With `annotate`, the time to the first tokens is a
+    `ttft` TraceAnnotation for a profiler trace."""
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
     ids = [f"b{batch}c{context}s{seed}r{i}" for i in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True)
+    prefill_steps = -(-batch * context // engine.runner.max_num_batched_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=prefill_steps + decode_steps + 8, ignore_eos=True)
     ttft_window = contextlib.ExitStack()
     if annotate:
         ttft_window.enter_context(jax.profiler.TraceAnnotation("ttft"))
@@ -37,7 +41,7 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
     for request_id in ids:
         engine.add_request(request_id, {"prompt_token_ids": rng.integers(10, vocab - 10, context).tolist()}, params)
     first_tokens, decode_times = 0, []
-    while engine.has_unfinished_requests():
+    while len(decode_times) < decode_steps:
         step_start = time.perf_counter()
         outputs = engine.step()
         elapsed = time.perf_counter() - step_start
@@ -48,6 +52,9 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
             ttft = time.perf_counter() - start
             ttft_window.close()
     ttft_window.close()
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
     # The mean, not the median: with run-ahead a step() call returns the previous step's tokens, so call times can
     # alternate short and long around the device's step time, and only their mean is that time.
     return {"batch": batch, "context": context, "ttft_s": ttft,

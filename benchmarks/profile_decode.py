@@ -1,8 +1,11 @@
 """Where a steady decode step's time goes: the whole engine step vs the jitted model step alone vs the sampler,
 plus a jax.profiler trace of a few engine steps (kept with the results) and what the GPU did in it: kernels, busy
-and wall time per step, idle share, the top kernels (benchmarks/trace_summary.py).
+and wall time per step, idle share, the top kernels (benchmarks/trace_summary.py). With --prefill, the trace
+covers the prefill-heavy steps instead: `batch` prompts of `context` tokens, chunked by max_num_batched_tokens
+(after the same prompts' shapes ran once untraced, so nothing compiles inside the trace).
 
     python -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/trace --output-json out.json
+    python -m benchmarks.profile_decode --prefill --batch 16 --context 1024 --trace-dir /tmp/trace
 """
 
 import argparse
@@ -19,13 +22,12 @@ from jaxllm.runtime import inputs
 TRACED_STEPS = 10
 
 
-def _median_ms(fn, repeats: int = 20) -> float:
-    times = []
+def _mean_ms(fn, repeats: int = 50) -> float:
+    """Mean time per call (under run-ahead a step's call time alternates around the device's: latency.run_batch)."""
+    start = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def main(argv=None) -> dict:
@@ -34,6 +36,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--trace-dir", default=None)
+    parser.add_argument("--prefill", action="store_true", help="trace the prompts' steps, not steady decoding")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--output-json", default=None, help="step timings and, with --trace-dir, the trace summary")
     args = parser.parse_args(argv)
@@ -42,6 +45,8 @@ def main(argv=None) -> dict:
                                     skip_tokenizer_init=True, max_model_len=4096,
                                     tensor_parallel_size=args.tensor_parallel_size))
     rng = np.random.default_rng(0)
+    if args.prefill:
+        return _profile_prefill(engine, args, rng)
     params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
     for i in range(args.batch):
         ids = rng.integers(10, engine.model_config.vocab_size, args.context).tolist()
@@ -51,7 +56,7 @@ def main(argv=None) -> dict:
         started.update(o.request_id for o in engine.step())
     for _ in range(5):
         engine.step()
-    step_ms = _median_ms(engine.step)
+    step_ms = _mean_ms(engine.step)
 
     runner = engine.runner
     work = [inputs.SeqWork([5], args.context + 10, list(range(1, args.context // 16 + 3))) for _ in range(args.batch)]
@@ -62,22 +67,47 @@ def main(argv=None) -> dict:
     def model_only():
         runner.forward(buffer, layout).block_until_ready()
 
-    model_ms = _median_ms(model_only)
-    print(f"batch {args.batch} ctx {args.context}: engine.step {step_ms:.2f} ms, jitted model step alone "
-          f"{model_ms:.2f} ms -> host + sampler + transfers {step_ms - model_ms:.2f} ms per step")
+    model_ms = _mean_ms(model_only)
+    print(f"batch {args.batch} ctx {args.context}: engine.step {step_ms:.2f} ms (mean), jitted model step alone, "
+          f"waited for each time, {model_ms:.2f} ms", flush=True)
     result = {"batch": args.batch, "context": args.context, "engine_step_ms": step_ms, "model_step_ms": model_ms,
-              "host_ms": step_ms - model_ms, "trace": None}
+              "trace": None}
+    return _trace_and_save(args, result, lambda: [engine.step() for _ in range(TRACED_STEPS)], TRACED_STEPS, top=10)
+
+
+def _trace_and_save(args, result: dict, run, steps: int, *, top: int) -> dict:
+    """With --trace-dir, profile `run()` (`steps` engine steps) and add what the GPU did; with --output-json, save."""
     if args.trace_dir:
         with jax.profiler.trace(args.trace_dir, profiler_options=trace_summary.profile_options()):
-            for _ in range(TRACED_STEPS):
-                engine.step()
-        print(f"trace written to {args.trace_dir}")
-        result["trace"] = trace_summary.summarize(args.trace_dir, steps=TRACED_STEPS, top=10)
+            run()
+        result["trace"] = trace_summary.summarize(args.trace_dir, steps=steps, top=top)
         print(trace_summary.format_summary(result["trace"]))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _profile_prefill(engine: LLMEngine, args, rng) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def prompts_to_first_token(tag: str) -> tuple[float, int]:
+        for i in range(args.batch):  # fresh random prompts: no prefix-cache hits
+            ids = rng.integers(10, engine.model_config.vocab_size, args.context).tolist()
+            engine.add_request(f"{tag}{i}", {"prompt_token_ids": ids}, params)
+        start, steps = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return time.perf_counter() - start, steps
+
+    prompts_to_first_token("warm")
+    seconds, steps = prompts_to_first_token("timed")
+    tokens = args.batch * args.context
+    print(f"prefill of {args.batch} x {args.context} tokens: {seconds * 1e3:.1f} ms in {steps} steps, "
+          f"{tokens / seconds:,.0f} tokens/s")
+    result = {"batch": args.batch, "context": args.context, "prefill_s": seconds, "steps": steps, "trace": None}
+    return _trace_and_save(args, result, lambda: prompts_to_first_token("traced"), steps, top=15)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,15 @@ Prompts are random token ids (fixed seed), ignore_eos=True so every request prod
 ~180 out, prompt <= 1024 and prompt + output <= 2048 (the ShareGPT dataset itself cannot be downloaded here).
 
 Unless --no-roofline, the card's copy bandwidth and bf16 matmul rate are measured first, in the same run, and the
-elapsed time is compared with the roofline: max(FLOP time, weight-read time), per GPU under tensor parallelism
+elapsed time is compared with the roofline: max(FLOP time, memory time), per GPU under tensor parallelism
 (all-reduces not included). FLOP time = 2 x (layer params x (prompt + output tokens) + vocabulary-projection params
 x output tokens) / matmul rate: the embedding is a gather, and only sampled rows reach the vocabulary projection.
-Weight-read time = forward passes x weight bytes read per pass (all but an untied embedding table, of which a pass
-gathers only its tokens' rows) / copy bandwidth, where a lower bound on the passes is
+Memory time = (forward passes x weight bytes read per pass (all but an untied embedding table, of which a pass
+gathers only its tokens' rows) + KV bytes the decode passes read) / copy bandwidth. A lower bound on the passes is
 max(longest output, ceil(output tokens / max_num_seqs)): one request's tokens come one pass after another, and a
-pass samples at most one token for each of at most max_num_seqs sequences. KV-cache reads are left out (a lower
-bound still). ratio = roofline / elapsed, so 1.0 is at the roofline.
+pass samples at most one token for each of at most max_num_seqs sequences. A request of p prompt and o output tokens
+reads the KV of p + t tokens to sample its token t, t = 1 .. o - 1 (token 0 comes from its prefill). ratio =
+roofline / elapsed, so 1.0 is at the roofline.
 """
 
 import argparse
@@ -69,17 +70,21 @@ def describe_dataset(dataset: str, prompt_lens: list[int], output_lens: list[int
     return f"Dataset random: {text}"
 
 
-def roofline(*, layer_params: int, head_params: int, read_bytes: int, prompt_tokens: int, output_lens: list[int],
-             max_num_seqs: int, copy_bandwidth: float, matmul_rate: float, tensor_parallel_size: int = 1) -> dict:
+def roofline(*, layer_params: int, head_params: int, read_bytes: int, kv_bytes_per_token: int,
+             prompt_lens: list[int], output_lens: list[int], max_num_seqs: int, copy_bandwidth: float,
+             matmul_rate: float, tensor_parallel_size: int = 1) -> dict:
     """Lower bound on the run's time (see the module docstring), per GPU; every argument is a whole-model figure:
     `layer_params` all but the embedding and vocabulary projection, `head_params` the vocabulary projection's,
     `read_bytes` the weight bytes one forward pass reads."""
     passes = max(max(output_lens), math.ceil(sum(output_lens) / max_num_seqs))
-    flops = 2 * (layer_params * (prompt_tokens + sum(output_lens)) + head_params * sum(output_lens))
+    flops = 2 * (layer_params * (sum(prompt_lens) + sum(output_lens)) + head_params * sum(output_lens))
     flop_s = flops / (tensor_parallel_size * matmul_rate)
-    memory_s = passes * read_bytes / (tensor_parallel_size * copy_bandwidth)
-    return {"roofline_s": max(flop_s, memory_s), "roofline_flop_s": flop_s, "roofline_weight_read_s": memory_s,
-            "roofline_forward_passes": passes}
+    # sum over t = 1 .. o - 1 of (p + t) = (o - 1) p + o (o - 1) / 2
+    kv_tokens = sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, output_lens))
+    weight_s = passes * read_bytes / (tensor_parallel_size * copy_bandwidth)
+    kv_s = kv_tokens * kv_bytes_per_token / (tensor_parallel_size * copy_bandwidth)
+    return {"roofline_s": max(flop_s, weight_s + kv_s), "roofline_flop_s": flop_s, "roofline_weight_read_s": weight_s,
+            "roofline_kv_read_s": kv_s, "roofline_forward_passes": passes}
 
 
 def main(argv=None) -> dict:
@@ -149,13 +154,16 @@ def main(argv=None) -> dict:
         costs = ceilings.model_costs(llm.llm_engine.runner.params, llm.llm_engine.model_config)
         read_bytes = costs.read_bytes
         bound = roofline(layer_params=costs.layer_params, head_params=costs.head_params, read_bytes=read_bytes,
-                         prompt_tokens=prompt_tokens, output_lens=output_lens, max_num_seqs=args.max_num_seqs,
+                         kv_bytes_per_token=costs.kv_bytes_per_token,
+                         prompt_lens=[len(o.prompt_token_ids) for o in outputs], output_lens=output_lens,
+                         max_num_seqs=args.max_num_seqs,
                          copy_bandwidth=bandwidth, matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
         result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, roofline_read_bytes=read_bytes,
                       roofline_ratio=bound["roofline_s"] / elapsed)
-        print(f"Roofline: {bound['roofline_s']:.2f} s (max of FLOPs {bound['roofline_flop_s']:.2f} s, weight reads "
-              f"{bound['roofline_weight_read_s']:.2f} s = {bound['roofline_forward_passes']} passes x "
-              f"{read_bytes / 1e9:.2f} GB); achieved/roofline throughput ratio {result['roofline_ratio']:.2f}")
+        print(f"Roofline: {bound['roofline_s']:.2f} s (max of FLOPs {bound['roofline_flop_s']:.2f} s and memory: "
+              f"weight reads {bound['roofline_weight_read_s']:.2f} s = {bound['roofline_forward_passes']} passes x "
+              f"{read_bytes / 1e9:.2f} GB, + KV reads {bound['roofline_kv_read_s']:.2f} s); achieved/roofline "
+              f"throughput ratio {result['roofline_ratio']:.2f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({**vars(args), **result}, f, indent=2)

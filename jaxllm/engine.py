@@ -21,7 +21,7 @@ from jaxllm.progress import TqdmProgress
 from jaxllm.runtime.inputs import SeqWork, feed
 from jaxllm.runtime.runner import ModelRunner
 from jaxllm.runtime.sampling_metadata import RowConstants, SamplingRow
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduling.block_manager import BlockManager
 from jaxllm.scheduling.scheduler import Scheduler
 from jaxllm.scheduling.scheduler_output import SchedulerOutput
@@ -272,12 +272,15 @@ class LLMEngine:
     def _finished_outputs(self, groups, now: float | None = None) -> list[RequestOutput]:
         results = []
         for group in groups:
-            if group.is_finished() and group.metrics.finished_time is None:
+            finished = group.is_finished()
+            if finished and group.metrics.finished_time is None:
                 group.metrics.finished_time = now or time.time()
                 reason = group.seqs[0].finish_reason or "abort"  # one count per request, as vLLM
                 self._finished_total[reason] = self._finished_total.get(reason, 0) + 1
-            if group.is_finished():
+            if finished:
                 self._forget_rows(group)
+            elif group.params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
             output = self.outputs.request_output(group)
             if group.params.prompt_logprobs is not None:
                 output.prompt_logprobs = self._prompt_logprobs.get(group.request_id)

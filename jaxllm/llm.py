@@ -1,5 +1,6 @@
 """LLM: the offline API, vLLM's names and semantics: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -8,7 +9,7 @@ from tqdm.auto import tqdm
 from jaxllm.config import EngineConfig
 from jaxllm.engine import LLMEngine
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | dict | list[int]
 
@@ -45,6 +46,7 @@ class LLM:
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        params = _final_only(params)
         ids = [str(next(self._ids)) for _ in prompts]
         added = []
         try:
@@ -95,3 +97,13 @@ def _per_prompt(params, count: int) -> list[SamplingParams]:
     if len(params) != count:
         raise ValueError(f"sampling_params has {len(params)} entries for {count} prompts")
     return params
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """As vLLM's LLM: outputs only when a request finishes (RequestOutputKind.FINAL_ONLY), on copies, so the
+    caller's SamplingParams are left as they were."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if id(p) not in copies:
+            copies[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+    return [copies[id(p)] for p in params]

@@ -26,6 +26,16 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what a step returns for a request. CUMULATIVE: everything so far, every step it moves; FINAL_ONLY:
+    one output, when it finishes (LLM.generate asks for this: building 256 outputs a step it then drops cost a
+    third of the host's time per step). DELTA (only the new part) is vLLM's streaming form; not supported here."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclasses.dataclass(kw_only=True)
 class SamplingParams:
     """vLLM's SamplingParams (keyword-only here so that a positional call cannot silently shift fields).
@@ -57,6 +67,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -122,6 +133,9 @@ class SamplingParams:
                 raise ValueError("stop cannot contain an empty string.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must not be empty when given.")
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            raise ValueError(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got {self.output_kind!r}"
+                             " (DELTA is not supported).")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):

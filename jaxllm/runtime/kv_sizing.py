@@ -34,7 +34,13 @@ def bytes_per_block(*, num_layers: int, kv_heads_per_device: int, head_dim: int,
 
 def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_bytes: int) -> int:
     """Bytes left for the KV cache on one device once the weights (already resident) and the largest step's
-    activations are accounted for."""
+    activations are accounted for.
+
+    Free memory is not all usable: fusing the projections after loading leaves each layer's separate projections'
+    space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B on an H200, benchmarks/memory.py),
+    smaller than one layer's share of the cache. So the cache, and after it the step's temporaries (one contiguous
+    buffer), must come out of the largest free block: at 70B / tp 4 the holes are ~18 GB a device, and a cache sized
+    from the free total left the allocator failing."""
     if config.kv_cache_memory_bytes is not None:
         return config.kv_cache_memory_bytes
     stats = device.memory_stats() if device.platform != "cpu" else None
@@ -43,6 +49,11 @@ def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_byte
     limit = stats["bytes_limit"]
     in_use = stats["bytes_in_use"]
     budget = int(limit * config.gpu_memory_utilization) - in_use - activation_bytes
+    largest = stats.get("largest_free_block_bytes")
+    if largest is not None and largest - activation_bytes < budget:
+        logger.info("device memory: %.2f GiB free but its largest block is %.2f GiB: the KV cache fits in that",
+                    (limit - in_use) / 2**30, largest / 2**30)
+        budget = largest - activation_bytes
     logger.info("device memory: limit %.2f GiB, weights %.2f GiB, activations %.2f GiB -> KV %.2f GiB",
                 limit / 2**30, in_use / 2**30, activation_bytes / 2**30, budget / 2**30)
     return budget
