@@ -1,5 +1,5 @@
 """RequestOutputKind: CUMULATIVE outputs every step a request moves, FINAL_ONLY one output when it finishes (what
-LLM.generate asks for, on copies of the caller's params); DELTA is refused with a clear error."""
+LLM.generate asks for, on copies of the caller's params); DELTA and unknown kinds are refused with a clear error."""
 
 import dataclasses
 
@@ -46,6 +46,9 @@ def test_generate_asks_for_final_outputs_without_changing_the_callers_params(llm
     assert dataclasses.asdict(params) == before and params.output_kind is RequestOutputKind.CUMULATIVE
 
 
-def test_delta_is_refused():
+def test_delta_and_unknown_kinds_are_refused_and_numbers_become_kinds():
     with pytest.raises(ValueError, match="DELTA is not supported"):
         SamplingParams(output_kind=RequestOutputKind.DELTA)
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind="final")
+    assert SamplingParams(output_kind=2).output_kind is RequestOutputKind.FINAL_ONLY

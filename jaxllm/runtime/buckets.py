@@ -27,7 +27,8 @@ class BatchLayout:
 
 
 def _sizes(low: int, high: int, coarse_below: int) -> list[int]:
-    """Powers of two from `low` (one itself) while below `coarse_below` each 4x the last, then 2x; capped by `high`."""
+    """From `low` rounded up to a power of two: each size 4x the last while that stays <= coarse_below, then 2x; the
+    last size is `high` itself."""
     sizes = [1 << max(0, math.ceil(math.log2(low)))]
     while sizes[-1] < high:
         sizes.append(sizes[-1] * (4 if sizes[-1] * 4 <= coarse_below else 2))

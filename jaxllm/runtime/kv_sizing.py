@@ -39,8 +39,8 @@ def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_byte
     Free memory is not all usable: fusing the projections after loading leaves each layer's separate projections'
     space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B on an H200, benchmarks/memory.py),
     smaller than one layer's share of the cache. So the cache, and after it the step's temporaries (one contiguous
-    buffer), must come out of the largest free block: at 70B / tp 4 the holes are ~18 GB a device, and a cache sized
-    from the free total left the allocator failing."""
+    buffer), must come out of the largest free block: at 70B / tp 4 the holes come to an estimated ~18 GB a device,
+    and a cache sized from the free total left the allocator failing."""
     if config.kv_cache_memory_bytes is not None:
         return config.kv_cache_memory_bytes
     stats = device.memory_stats() if device.platform != "cpu" else None

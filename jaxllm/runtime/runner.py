@@ -33,8 +33,8 @@ ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 # Start-up compiles at once; more than a few buys little (XLA parallelizes inside a compile too) and each holds its
 # own autotuning buffers on the device.
 _COMPILE_THREADS = 4
-# Below this many rows a GPU step takes as long as one row's (reading the weights bounds it), so its buckets can be
-# coarse: fewer programs to compile and to load on a warm start (BucketPlan.coarse_below).
+# Below this many rows a GPU step's matmuls cost about what one row's do (reading the weights bounds them) and its
+# padding rows read no KV, so its buckets can be coarse: fewer programs to compile and to load on a warm start.
 _GPU_WEIGHT_BOUND_ROWS = 64
 
 
