@@ -2,10 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from jaxllm.sampling_params import SamplingParams, SamplingType
-from jaxllm.validation import ContextLengthExceededError, validate_request
+from jaxllm.validation import ContextLengthExceededError, validate_prompt_token_ids, validate_request
 
 VOCAB, MAX_LEN = 100, 64
 
@@ -114,3 +115,9 @@ def test_validate_request_limits_are_configurable():
 def test_validate_request_rejects_a_non_params_object():
     with pytest.raises(ValueError, match="SamplingParams"):
         validate_request([1], {"temperature": 0}, max_model_len=MAX_LEN, vocab_size=VOCAB)
+
+
+def test_prompt_ids_of_any_integer_type_come_back_as_plain_ints():
+    for ids in ([3, 1, 4], np.array([3, 1, 4]), (np.int32(3), 1, np.int64(4))):
+        out = validate_prompt_token_ids(ids, vocab_size=VOCAB)
+        assert out == [3, 1, 4] and all(type(t) is int for t in out)
