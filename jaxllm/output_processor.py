@@ -28,6 +28,8 @@ class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer | None):
         self.tokenizer = tokenizer
         self._samples: dict[tuple[str, int], _SampleText] = {}
+        # A request's prompt ids as its outputs carry them: one copy shared by all of them, not one per step.
+        self._prompts: dict[str, list[int]] = {}
 
     def _state(self, seq: Sequence) -> _SampleText:
         key = (seq.request_id, seq.sample_index)
@@ -83,17 +85,21 @@ class OutputProcessor:
         for seq in sorted(group.seqs, key=lambda s: s.sample_index):
             state = self._state(seq)
             outputs.append(CompletionOutput(
-                index=seq.sample_index, text=state.output_text, token_ids=list(seq.output_token_ids),
+                index=seq.sample_index, text=state.output_text, token_ids=seq.output_token_ids,  # a fresh list
                 cumulative_logprob=state.cumulative_logprob if state.logprobs is not None else None,
                 logprobs=list(state.logprobs) if state.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        prompt_token_ids = self._prompts.get(group.request_id)
+        if prompt_token_ids is None:
+            prompt_token_ids = self._prompts[group.request_id] = list(group.prompt_token_ids)
         finished = group.is_finished()
         if finished:
             self.forget(group.request_id, len(group.seqs))
-        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
-                             prompt_token_ids=list(group.prompt_token_ids), prompt_logprobs=None, outputs=outputs,
-                             finished=finished, num_cached_tokens=group.num_cached_tokens, metrics=group.metrics)
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=prompt_token_ids,
+                             prompt_logprobs=None, outputs=outputs, finished=finished,
+                             num_cached_tokens=group.num_cached_tokens, metrics=group.metrics)
 
     def forget(self, request_id: str, num_samples: int) -> None:
+        self._prompts.pop(request_id, None)
         for i in range(num_samples):
             self._samples.pop((request_id, i), None)

@@ -157,7 +157,10 @@ class SequenceGroup:
         return [s for s in self.seqs if s.status not in _FINISHED]
 
     def is_finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        for seq in self.seqs:  # a loop, not all(<generator>): this runs for every request in every step
+            if seq.status not in _FINISHED:
+                return False
+        return True
 
     @property
     def num_seqs_reserved(self) -> int:
