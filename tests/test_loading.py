@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from jaxllm.loading import SafetensorsSource, dummy_params, load_model
 from jaxllm.model_config import ModelConfig
 from jaxllm.models import build_model
+from jaxllm.models.fusion import parts_last
 from jaxllm.models.weight_map import dotted
 from jaxllm.sharding import make_mesh, param_spec
 
@@ -200,6 +201,26 @@ def test_dummy_params_shapes_dtypes_and_determinism():
     np.testing.assert_array_equal(again["embed"], params["embed"])
     assert not np.array_equal(other["embed"], params["embed"])
     assert not np.array_equal(params["layers"][0]["qkv_proj"], params["layers"][1]["qkv_proj"])
+
+
+def test_loaders_create_fusion_parts_last_and_dummy_values_do_not_depend_on_that_order():
+    model = build_model(ModelConfig.from_pretrained(QWEN2))
+    shapes = jax.tree_util.tree_flatten_with_path(model.param_shapes(jnp.float32))[0]
+    paths = [dotted(keypath) for keypath, _ in shapes]
+    order = parts_last(paths, model.fused_projections)
+    parts = {part for fusion in model.fused_projections for part in fusion.parts}
+    is_part = [paths[j].rsplit(".", 1)[-1] in parts for j in order]
+    assert sorted(order) == list(range(len(paths))) and any(is_part) and not all(is_part)
+    assert is_part == sorted(is_part)  # every part after every other param
+    first_part = is_part.index(True)
+    assert order[:first_part] == sorted(order[:first_part]) and order[first_part:] == sorted(order[first_part:])
+    # Each dummy param is drawn from fold_in(key(seed), its leaf number), whatever order they are made in.
+    params = dummy_params(model, dtype=jnp.float32, seed=5)
+    for path in ("embed", "layers.1.k_proj", "layers.0.down_proj"):
+        j = paths.index(path)
+        want = 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(5), j), shapes[j][1].shape)
+        got = params[path] if "." not in path else params["layers"][int(path.split(".")[1])][path.split(".")[2]]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
 
 
 def test_dummy_llama31_8b_shapes_without_allocating():

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxllm.models.fusion import parts_last
 from jaxllm.models.weight_map import dotted
 from jaxllm.sharding import make_mesh, param_sharding
 
@@ -20,15 +21,16 @@ _NORMS = ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm")
 def dummy_params(model, *, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0) -> dict:
     mesh = make_mesh(1) if mesh is None else mesh
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
+    paths = [dotted(keypath) for keypath, _ in leaves]
     key = jax.random.key(seed)
-    arrays = []
-    for j, (keypath, leaf) in enumerate(leaves):
-        path = dotted(keypath)
+    arrays = [None] * len(leaves)
+    for j in parts_last(paths, model.fused_projections):  # fusion's parts last: see parts_last
+        path, leaf = paths[j], leaves[j][1]
         # One small program per param rather than one for all: layers repeat shapes, so a model compiles one
         # program per distinct (shape, dtype, sharding) — a dozen for Llama-3.1-8B — and reuses them across calls.
         where = param_sharding(path, leaf.shape, mesh, model.config)
         make = jax.jit(_random_param, static_argnums=(2, 3, 4), out_shardings=where)
-        arrays.append(make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS))
+        arrays[j] = make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS)
     return jax.tree_util.tree_unflatten(treedef, arrays)
 
 

@@ -36,11 +36,12 @@ def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_byte
     """Bytes left for the KV cache on one device once the weights (already resident) and the largest step's
     activations are accounted for.
 
-    Free memory is not all usable: fusing the projections after loading leaves each layer's separate projections'
-    space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B on an H200, benchmarks/memory.py),
-    smaller than one layer's share of the cache. So the cache, and after it the step's temporaries (one contiguous
-    buffer), must come out of the largest free block: at 70B / tp 4 the holes come to an estimated ~18 GB a device,
-    and a cache sized from the free total left the allocator failing."""
+    Free memory need not be usable: with params created in tree order, fusing the projections after loading left
+    each layer's separate projections' space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B
+    on an H200, benchmarks/memory.py), smaller than one layer's share of the cache; at 70B / tp 4 an estimated
+    ~18 GB a device, and a cache sized from the free total left the allocator failing. The loaders now create those
+    params last (fusion.parts_last), and whatever holes remain, the cache and after it the step's temporaries (one
+    contiguous buffer) are sized to come out of the largest free block."""
     if config.kv_cache_memory_bytes is not None:
         return config.kv_cache_memory_bytes
     stats = device.memory_stats() if device.platform != "cpu" else None
