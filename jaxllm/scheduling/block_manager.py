@@ -184,6 +184,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_registered_blocks:
+            return  # no new full block: a decode fills one every block_size steps
         hashes = self._block_hashes(seq, num_full)
         for i in range(seq.num_registered_blocks, num_full):
             block, h = seq.block_table[i], hashes[i]
