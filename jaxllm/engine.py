@@ -9,12 +9,12 @@ import dataclasses
 import hashlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable
 
 from jaxllm.config import EngineConfig
 from jaxllm.default_model import default_model_name, default_model_path
+from jaxllm.loading import is_gguf_file, read_gguf_file
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.progress import TqdmProgress
@@ -77,7 +77,7 @@ class LLMEngine:
         model_path = config.model or default_model_path()
         self.model_name = config.served_model_name or (config.model or default_model_name())
         # A GGUF file holds both the weights and the tokenizer: read it once for both.
-        model = _read_gguf(model_path) if _is_gguf(model_path) else model_path
+        model = read_gguf_file(model_path) if is_gguf_file(model_path) else model_path
         if config.skip_tokenizer_init:
             self.tokenizer = None
         elif config.tokenizer is None and model is not model_path:
@@ -330,16 +330,6 @@ class LLMEngine:
             self.runner.fetch(self._in_flight.pending)
             self._in_flight = None
         self.runner.close()
-
-
-def _is_gguf(path: str) -> bool:
-    return path.endswith(".gguf") and os.path.isfile(path)
-
-
-def _read_gguf(path: str):
-    from jaxllm.loading.gguf import read_gguf  # the gguf package is needed for GGUF files only
-
-    return read_gguf(path)
 
 
 def _needs_prompt_logprobs(s) -> bool:

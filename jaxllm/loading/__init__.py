@@ -39,11 +39,9 @@ def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
     if not isinstance(model, (str, os.PathLike)):
         return _from_gguf(model, **gguf_options)
     path = os.fspath(model)
-    is_gguf = os.path.isfile(path) and path.endswith(".gguf")
+    is_gguf = is_gguf_file(path)
     if load_format == "gguf" or (is_gguf and load_format in ("auto", "dummy")):
-        from jaxllm.loading.gguf import read_gguf  # the gguf package is only needed for GGUF files
-
-        return _from_gguf(read_gguf(path), **gguf_options)
+        return _from_gguf(read_gguf_file(path), **gguf_options)
     if not os.path.isdir(path):
         hint = "; it is a GGUF file: use load_format 'auto' or 'gguf'" if is_gguf else ""
         raise FileNotFoundError(f"model {path!r} is not a model directory (config.json + safetensors){hint}")
@@ -73,6 +71,17 @@ def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "
     return model, model.fuse_params(load_params(source, model, dtype=dtype, mesh=mesh)), config
 
 
+def is_gguf_file(path: str) -> bool:
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def read_gguf_file(path: str):
+    """The file's GGUFCheckpoint (weights and tokenizer); the gguf package is only needed for GGUF files."""
+    from jaxllm.loading.gguf import read_gguf
+
+    return read_gguf(path)
+
+
 def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_code: bool, attention_backend: str,
                seed: int):
     config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
@@ -87,5 +96,5 @@ def _dummy(config: ModelConfig, dtype: str, mesh, attention_backend: str, seed: 
     return model, model.fuse_params(params), config
 
 
-__all__ = ["LOAD_FORMATS", "SafetensorsSource", "TensorSource", "dummy_params", "load_checkpoint", "load_model",
-           "load_params"]
+__all__ = ["LOAD_FORMATS", "SafetensorsSource", "TensorSource", "dummy_params", "is_gguf_file", "load_checkpoint",
+           "load_model", "load_params", "read_gguf_file"]

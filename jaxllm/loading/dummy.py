@@ -2,14 +2,14 @@
 
 Jitted programs with `out_shardings` generate every param where it will live, so even Llama-3.1-8B shapes never
 build a host array; each param's key is `fold_in(key(seed), leaf number)`, so values do not depend on how the params
-are sharded.
+are sharded, nor on the order they are made in (fusion's parts last: models/fusion.py parts_last).
 """
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxllm.models.fusion import parts_last
+from jaxllm.models.fusion import create_parts_last
 from jaxllm.models.weight_map import dotted
 from jaxllm.sharding import make_mesh, param_sharding
 
@@ -23,15 +23,16 @@ def dummy_params(model, *, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: i
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
     paths = [dotted(keypath) for keypath, _ in leaves]
     key = jax.random.key(seed)
-    arrays = [None] * len(leaves)
-    for j in parts_last(paths, model.fused_projections):  # fusion's parts last: see parts_last
+
+    def create(j: int) -> jax.Array:
         path, leaf = paths[j], leaves[j][1]
         # One small program per param rather than one for all: layers repeat shapes, so a model compiles one
         # program per distinct (shape, dtype, sharding) — a dozen for Llama-3.1-8B — and reuses them across calls.
         where = param_sharding(path, leaf.shape, mesh, model.config)
         make = jax.jit(_random_param, static_argnums=(2, 3, 4), out_shardings=where)
-        arrays[j] = make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS)
-    return jax.tree_util.tree_unflatten(treedef, arrays)
+        return make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS)
+
+    return jax.tree_util.tree_unflatten(treedef, create_parts_last(paths, model.fused_projections, create))
 
 
 def _random_param(key: jax.Array, number: jax.Array, shape: tuple[int, ...], dtype, is_norm: bool) -> jax.Array:

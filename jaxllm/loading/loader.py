@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.model_config import ModelConfig
-from jaxllm.models.fusion import parts_last
+from jaxllm.models.fusion import create_parts_last
 from jaxllm.models.weight_map import WeightRule, dotted, name_regex
 from jaxllm.sharding import make_mesh, param_sharding
 
@@ -106,12 +106,12 @@ def load_params(source: TensorSource, model, *, dtype="auto", mesh: Mesh | None 
     shapes = {dotted(path): leaf.shape for path, leaf in leaves}
     pieces = plan(source, model.weight_map, model.ignored_weights, shapes)
     paths = list(shapes)
-    arrays = [None] * len(paths)
-    for j in parts_last(paths, model.fused_projections):  # fusion's parts last: see parts_last
-        path = paths[j]
-        arrays[j] = _place(source, pieces[path], shapes[path], param_sharding(path, shapes[path], mesh, model.config),
-                           jnp.dtype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+    def create(j: int) -> jax.Array:
+        path, shape = paths[j], shapes[paths[j]]
+        return _place(source, pieces[path], shape, param_sharding(path, shape, mesh, model.config), jnp.dtype(dtype))
+
+    return jax.tree_util.tree_unflatten(treedef, create_parts_last(paths, model.fused_projections, create))
 
 
 def _place(source: TensorSource, piece: _Piece, shape: tuple[int, ...], sharding: NamedSharding, dtype) -> jax.Array:

@@ -17,7 +17,8 @@ when kv-heads are fewer than devices, each shard then computes just the kv-head 
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ from jax.sharding import Mesh
 
 from jaxllm import sharding
 from jaxllm.model_config import ModelConfig
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,15 @@ def parts_last(paths: Sequence[str], fusions: tuple[FusedProjection, ...]) -> li
     parts = {part for fusion in fusions for part in fusion.parts}
     is_part = [path.rsplit(".", 1)[-1] in parts for path in paths]
     return [i for i, p in enumerate(is_part) if not p] + [i for i, p in enumerate(is_part) if p]
+
+
+def create_parts_last(paths: Sequence[str], fusions: tuple[FusedProjection, ...],
+                      create: Callable[[int], T]) -> list[T]:
+    """[create(i) for each of `paths`], in tree order, with the calls made in `parts_last` order."""
+    made: list = [None] * len(paths)
+    for i in parts_last(paths, fusions):
+        made[i] = create(i)
+    return made
 
 
 def fuse_params(params: dict, fusions: tuple[FusedProjection, ...], config: ModelConfig, mesh: Mesh) -> dict:
