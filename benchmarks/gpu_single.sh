@@ -24,6 +24,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
 
+hf_ratio() {  # HF generate() and jaxllm on the same 32 ShareGPT-like requests, one after the other
+    step hf-sharegpt 100 python3 -m benchmarks.hf_baseline --dataset sharegpt-like --num-prompts 32 --batch-size 32 \
+        --max-duration-s 80 --output-json "$results/hf_sharegpt.json"
+    step ours-sharegpt 60 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
+        --no-roofline --output-json "$results/ours_sharegpt.json"
+}
+
 case $part in
 engine)
     if [ -d .baseline ]; then  # the code before this change, same card, same call
@@ -61,8 +68,7 @@ more)  # a traced prefill-heavy step, T1, the step-option variants in one proces
         --output-json "$results/t1.json"
     step step-options 110 python3 -m benchmarks.step_options --cases 1x1024 --variants engine,skip-profiled \
         --output-json "$results/step_options.json"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
+    install_wheels || exit 1
     PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
         --dtype bfloat16 --output-json "$results/startup.json"
     ;;
@@ -74,10 +80,7 @@ final)  # the latency table (new and baseline engine, the same benchmark code), 
         step "profile-b$b" 50 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
             --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
     done
-    step hf-sharegpt 100 python3 -m benchmarks.hf_baseline --dataset sharegpt-like --num-prompts 32 --batch-size 32 \
-        --max-duration-s 80 --output-json "$results/hf_sharegpt.json"
-    step ours-sharegpt 60 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
-        --no-roofline --output-json "$results/ours_sharegpt.json"
+    hf_ratio
     ;;
 t2)  # device memory after each start-up phase, then T2
     step memory 60 python3 -m benchmarks.memory --model "$model" --output-json "$results/memory.json"
@@ -87,17 +90,13 @@ t2)  # device memory after each start-up phase, then T2
         --num-prompts 1000 --output-json "$results/t2_2048.json"
     ;;
 online)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
+    install_wheels || exit 1
     export PYTHONPATH=.:/tmp/site
     for b in 1 32 128; do
         step "ours-random-$b" 60 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 512 --output-len 128 \
             --num-prompts $b --no-roofline --output-json "$results/ours_random_$b.json"
     done
-    step hf-sharegpt 100 python3 -m benchmarks.hf_baseline --dataset sharegpt-like --num-prompts 32 --batch-size 32 \
-        --max-duration-s 80 --output-json "$results/hf_sharegpt.json"
-    step ours-sharegpt 60 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
-        --no-roofline --output-json "$results/ours_sharegpt.json"
+    hf_ratio
     step startup 150 python3 -m benchmarks.startup --model "$model" --load-format dummy --dtype bfloat16 \
         --output-json "$results/startup.json"
     step serving 240 python3 -m benchmarks.serving --model "$model" --load-format dummy --input-len 1024 \

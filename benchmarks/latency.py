@@ -51,15 +51,18 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
         if first_tokens == batch and not decode_times:
             ttft = time.perf_counter() - start
             ttft_window.close()
-    ttft_window.close()
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
     # The mean, not the median: with run-ahead a step() call returns the previous step's tokens, so call times can
     # alternate short and long around the device's step time, and only their mean is that time.
     return {"batch": batch, "context": context, "ttft_s": ttft,
-            "decode_step_s": float(np.mean(decode_times)) if decode_times else None,
-            "decode_step_median_s": float(np.median(decode_times)) if decode_times else None}
+            "decode_step_s": float(np.mean(decode_times)), "decode_step_median_s": float(np.median(decode_times))}
+
+
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    """"1x32,64x1024" -> [(1, 32), (64, 1024)]: (batch, context) pairs."""
+    return [tuple(int(x) for x in case.split("x")) for case in text.split(",")]
 
 
 def main(argv=None) -> dict:
@@ -92,12 +95,10 @@ def main(argv=None) -> dict:
     print(f"start-up (load + KV allocation, no compile): {time.perf_counter() - start:.1f} s")
     costs = roofline.model_costs(engine.runner.params, engine.model_config)
     rows = []
-    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
-    for batch, context in cases:
+    for batch, context in parse_cases(args.cases):
         run_batch(engine, batch=batch, context=context, decode_steps=4, seed=1)  # compile and warm up these shapes
         trace_dir = f"{args.trace_dir}/b{batch}c{context}" if args.trace_dir and batch == 1 else None
-        tracing = (jax.profiler.trace(trace_dir, profiler_options=trace_summary.profile_options()) if trace_dir
-                   else contextlib.nullcontext())
+        tracing = trace_summary.trace(trace_dir) if trace_dir else contextlib.nullcontext()
         with tracing:
             r = run_batch(engine, batch=batch, context=context, decode_steps=args.decode_steps,
                           annotate=trace_dir is not None)

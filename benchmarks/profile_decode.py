@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
 def _trace_and_save(args, result: dict, run, steps: int, *, top: int) -> dict:
     """With --trace-dir, profile `run()` (`steps` engine steps) and add what the GPU did; with --output-json, save."""
     if args.trace_dir:
-        with jax.profiler.trace(args.trace_dir, profiler_options=trace_summary.profile_options()):
+        with trace_summary.trace(args.trace_dir):
             run()
         result["trace"] = trace_summary.summarize(args.trace_dir, steps=steps, top=top)
         print(trace_summary.format_summary(result["trace"]))

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxllm.runtime import kv_sizing
+
 
 def copy_bandwidth() -> float:
     """A 4 GiB f32 array scaled in place 20 times in a while loop (its ~10 us per iteration is < 1% here)."""
@@ -89,7 +91,9 @@ def model_costs(params: dict, config) -> ModelCosts:
         read_bytes=sum(x.nbytes for x in leaves) - (embed.nbytes if untied_embed else 0),
         layer_params=sum(x.size for x in leaves) - embed.size - (head.size if untied_embed else 0),
         head_params=head.size,
-        kv_bytes_per_token=2 * config.num_layers * config.num_kv_heads * config.head_dim * 2,
+        kv_bytes_per_token=kv_sizing.bytes_per_block(  # bf16, every kv-head once (BENCHMARKS.md)
+            num_layers=config.num_layers, kv_heads_per_device=config.num_kv_heads, head_dim=config.head_dim,
+            block_size=1, itemsize=2),
         attention_width=config.num_q_heads * config.head_dim * config.num_layers)
 
 

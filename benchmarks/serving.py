@@ -52,7 +52,8 @@ def vocab_size(model: str | None) -> int:
         return json.load(f)["vocab_size"]
 
 
-async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> dict:
+async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> dict:
+    """One streamed completion: ok, token counts, TTFT, E2E, ITL and TPOT in seconds (or ok False and the error)."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -114,7 +115,7 @@ async def run_setting(url: str, model: str, prompts: list[list[int]], output_len
             async with limit:
                 if time.perf_counter() > deadline:
                     return None  # still queued for a concurrency slot when the cap came: never sent
-                return await _one(client, model, prompt, output_len)
+                return await stream_completion(client, model, prompt, output_len)
 
         tasks = []
         for prompt in prompts:
@@ -168,16 +169,18 @@ def server_command(model: str | None, load_format: str, extra_args=()) -> list[s
             "--disable-log-stats", "--disable-uvicorn-access-log", *extra_args]
 
 
-def start_server(args, extra_args: list[str] = (), *, env: dict | None = None, log_path: str | None = None,
-                 timeout: float = 900) -> tuple[subprocess.Popen, str, str]:
+def start_server(args, extra_args: list[str] = (), *, timeout: float = 900) -> tuple[subprocess.Popen, str, str]:
     """Launch `python -m serving.api_server` on a free port of 127.0.0.1; return (process, base URL, log path) once
     /health answers 200."""
-    cmd = server_command(args.model, args.load_format, extra_args)
-    log_path = log_path or tempfile.NamedTemporaryFile(suffix=".log", prefix="jaxllm-server-", delete=False).name
+    log_path = tempfile.NamedTemporaryFile(suffix=".log", prefix="jaxllm-server-", delete=False).name
+    proc = launch(server_command(args.model, args.load_format, extra_args), log_path)
+    return proc, wait_healthy(proc, log_path, timeout), log_path
+
+
+def launch(cmd: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
+    """Start the server command with its output in `log_path` (where wait_healthy reads the URL it listens on)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = wait_healthy(proc, log_path, timeout)
-    return proc, url, log_path
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_healthy(proc: subprocess.Popen, log_path: str, timeout: float, poll_s: float = 0.2) -> str:

@@ -14,17 +14,17 @@ a fresh temporary directory is used (and left in place, its path printed).
 """
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
 import re
-import subprocess
 import tempfile
 import time
 
 import httpx
 
-from benchmarks.serving import card_name, server_command, stop_server, wait_healthy
+from benchmarks.serving import card_name, launch, server_command, stop_server, stream_completion, wait_healthy
 
 # (phase key, regex on the server log); the first match of each is taken, "compiled" the last.
 _MARKERS = {
@@ -68,26 +68,22 @@ def phases(marks: dict) -> dict:
 
 
 def first_token(url: str, prompt_len: int, max_tokens: int) -> float:
-    """Send one streamed completion; return when its first token arrives (the stream is then read to the end)."""
-    body = {"model": "bench", "prompt": list(range(10, 10 + prompt_len)), "max_tokens": max_tokens,
-            "ignore_eos": True, "temperature": 0, "stream": True}
-    first = None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if first is None and line.startswith("data: ") and line != "data: [DONE]" and \
-                    json.loads(line[6:]).get("choices"):
-                first = time.time()
-    if first is None:
-        raise RuntimeError("the server streamed no token")
-    return first
+    """Send one streamed completion; return the time (time.time()) its first token arrived."""
+    async def request() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            return await stream_completion(client, "bench", list(range(10, 10 + prompt_len)), max_tokens)
+
+    sent = time.time()
+    result = asyncio.run(request())
+    if not result["ok"]:
+        raise RuntimeError(f"the first request failed: {result['error']}")
+    return sent + result["ttft"]
 
 
 def run_once(cmd: list[str], cache_dir: str, log_path: str, *, timeout: float, prompt_len: int) -> dict:
     env = {**os.environ, "XDG_CACHE_HOME": cache_dir}
-    with open(log_path, "w") as log:
-        launched_at = time.time()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    launched_at = time.time()
+    proc = launch(cmd, log_path, env)
     try:
         url = wait_healthy(proc, log_path, timeout, poll_s=0.05)
         healthy_at = time.time()
@@ -126,7 +122,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default=None, help="model directory or .gguf; default: the server's default")
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--cache-dir", default=None, help="must be empty or absent (the cold run); default: a new "
                                                           "temporary directory")
     parser.add_argument("--prompt-len", type=int, default=32, help="token ids in the first request's prompt")

@@ -14,7 +14,7 @@ only; the engine's own choice lives in that function).
 import argparse
 import json
 
-from benchmarks.latency import run_batch
+from benchmarks.latency import parse_cases, run_batch
 from jaxllm import EngineConfig, LLMEngine
 from jaxllm.runtime import runner
 
@@ -62,7 +62,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
-    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    cases = parse_cases(args.cases)
     rows = []
     for variant in args.variants.split(","):
         try:

@@ -139,7 +139,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    prompt_lens = [len(o.prompt_token_ids) for o in outputs]
+    prompt_tokens = sum(prompt_lens)
     output_lens = [len(o.outputs[0].token_ids) for o in outputs]
     output_tokens = sum(output_lens)
     result = {"card": card, "elapsed_s": elapsed, "startup_s": startup, "requests_per_s": len(outputs) / elapsed,
@@ -152,17 +153,15 @@ def main(argv=None) -> dict:
           f"{result['output_tokens_per_s']:.2f} output tokens/s")
     if bandwidth is not None:
         costs = ceilings.model_costs(llm.llm_engine.runner.params, llm.llm_engine.model_config)
-        read_bytes = costs.read_bytes
-        bound = roofline(layer_params=costs.layer_params, head_params=costs.head_params, read_bytes=read_bytes,
-                         kv_bytes_per_token=costs.kv_bytes_per_token,
-                         prompt_lens=[len(o.prompt_token_ids) for o in outputs], output_lens=output_lens,
-                         max_num_seqs=args.max_num_seqs,
-                         copy_bandwidth=bandwidth, matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
-        result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, roofline_read_bytes=read_bytes,
+        bound = roofline(layer_params=costs.layer_params, head_params=costs.head_params, read_bytes=costs.read_bytes,
+                         kv_bytes_per_token=costs.kv_bytes_per_token, prompt_lens=prompt_lens,
+                         output_lens=output_lens, max_num_seqs=args.max_num_seqs, copy_bandwidth=bandwidth,
+                         matmul_rate=flops, tensor_parallel_size=args.tensor_parallel_size)
+        result.update(bound, copy_bandwidth=bandwidth, matmul_rate=flops, roofline_read_bytes=costs.read_bytes,
                       roofline_ratio=bound["roofline_s"] / elapsed)
         print(f"Roofline: {bound['roofline_s']:.2f} s (max of FLOPs {bound['roofline_flop_s']:.2f} s and memory: "
               f"weight reads {bound['roofline_weight_read_s']:.2f} s = {bound['roofline_forward_passes']} passes x "
-              f"{read_bytes / 1e9:.2f} GB, + KV reads {bound['roofline_kv_read_s']:.2f} s); achieved/roofline "
+              f"{costs.read_bytes / 1e9:.2f} GB, + KV reads {bound['roofline_kv_read_s']:.2f} s); achieved/roofline "
               f"throughput ratio {result['roofline_ratio']:.2f}")
     if args.output_json:
         with open(args.output_json, "w") as f:

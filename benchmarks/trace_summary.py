@@ -23,14 +23,14 @@ COPY = re.compile(r"^Mem(cpy|set)")
 INSTANCE = re.compile(r"\.\d+$")
 
 
-def profile_options():
-    """Profiler options for the traces we summarize: no Python tracer. Its ~1,100 events per engine step cost
+def trace(trace_dir: str):
+    """jax.profiler.trace for the traces we summarize: no Python tracer. Its ~1,100 events per engine step cost
     milliseconds of host time, which would show up as GPU idle time that an untraced run does not have."""
     import jax
 
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
-    return options
+    return jax.profiler.trace(trace_dir, profiler_options=options)
 
 
 def find_trace(trace_dir: str | pathlib.Path) -> pathlib.Path:
@@ -140,7 +140,7 @@ def summarize(trace_dir: str | pathlib.Path, steps: int | None = None, top: int 
     }
 
 
-def format_summary(summary: dict, top: int | None = None) -> str:
+def format_summary(summary: dict) -> str:
     """A short table per GPU, per step when the summary has steps."""
     steps = summary["steps"] or 1
     unit = f"per step of {summary['steps']}" if summary["steps"] else "total"
@@ -158,17 +158,17 @@ def format_summary(summary: dict, top: int | None = None) -> str:
             lines.append(f"  {s['name']:<28} {s['events'] / steps:8.1f} events  "
                          f"busy {s['busy_us'] / steps / 1e3:8.3f} ms")
         lines.append(f"  {'kernel':<44} {'count':>8} {'ms':>9} {'mean us':>9} {'share':>6}")
-        for k in d["top"][:top]:
+        for k in d["top"]:
             share = k["total_us"] / d["kernel_us"] if d["kernel_us"] else 0.0
             lines.append(f"  {k['name'][:44]:<44} {k['count'] / steps:8.1f} {k['total_us'] / steps / 1e3:9.3f} "
                          f"{k['mean_us']:9.2f} {share:6.1%}")
     return "\n".join(lines)
 
 
-def one_line(device: dict, top: int = 5) -> str:
+def one_line(device: dict) -> str:
     """kernels, busy, span, idle and the top kernels of one device's summary (totals) on one line."""
     idle = "n/a" if device["idle"] is None else f"{device['idle']:.1%}"
-    kernels = ", ".join(f"{k['name']} {k['total_us'] / 1e3:.2f} ms x{k['count']}" for k in device["top"][:top])
+    kernels = ", ".join(f"{k['name']} {k['total_us'] / 1e3:.2f} ms x{k['count']}" for k in device["top"])
     return (f"{device['name']}: {device['kernels']} kernels, busy {device['busy_us'] / 1e3:.2f} ms of "
             f"{device['span_us'] / 1e3:.2f} ms span, idle {idle}; top: {kernels}")
 
