@@ -72,9 +72,8 @@ def _build_model(config_dir: str):
     return model, config
 
 
-def _generate_kwargs() -> dict:
-    # No EOS: every row generates exactly max_new_tokens, as ignore_eos does on jaxllm's side.
-    return dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+# No EOS: every row generates exactly max_new_tokens, as ignore_eos does on jaxllm's side.
+GENERATE_KWARGS = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 def run_random(args) -> dict:
@@ -86,11 +85,11 @@ def run_random(args) -> dict:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         ids = torch.randint(10, config.vocab_size - 10, (batch, args.input_len), device="cuda", generator=generator)
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=4, min_new_tokens=4, **_generate_kwargs())  # warm-up
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, **GENERATE_KWARGS)  # warm-up
             torch.cuda.synchronize()
             start = time.perf_counter()
             out = model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
-                                 **_generate_kwargs())
+                                 **GENERATE_KWARGS)
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         generated = (out.shape[1] - args.input_len) * batch
@@ -102,19 +101,17 @@ def run_random(args) -> dict:
 def run_workload(args) -> dict:
     import torch
 
-    with open(f"{args.config}/config.json") as f:
-        vocab_size = json.load(f)["vocab_size"]
+    model, config = _build_model(args.config)
     prompts, output_lens = draw_workload(dataset=args.dataset, num_prompts=args.num_prompts,
                                          input_len=args.input_len, output_len=args.output_len,
-                                         vocab_size=vocab_size, seed=args.seed)
+                                         vocab_size=config.vocab_size, seed=args.seed)
     print(describe_dataset(args.dataset, [len(p) for p in prompts], output_lens), flush=True)
     batches = static_batches([len(p) for p in prompts], output_lens, args.batch_size)
-    model, _ = _build_model(args.config)
 
     def generate(batch: dict, new_tokens: int) -> int:
         ids, mask = left_pad([prompts[r] for r in batch["rows"]], batch["width"], pad_id=0)
         out = model.generate(torch.from_numpy(ids).cuda(), attention_mask=torch.from_numpy(mask).cuda(),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, **_generate_kwargs())
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, **GENERATE_KWARGS)
         assert out.shape[1] == batch["width"] + new_tokens, (out.shape, batch["width"], new_tokens)
         return out.shape[0] * new_tokens
 
