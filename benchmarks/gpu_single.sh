@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
 #   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
 #   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
+#   bash benchmarks/gpu_single.sh reverse  # verify's batch-256 step and T3-500 with the baseline run first
 # Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks"). The baseline is the code
 # before a change, unpacked in .baseline/ (`git archive <commit> jaxllm pallas_kernels benchmarks`) and run from
 # inside it: `python -m` puts the working directory ahead of PYTHONPATH, so PYTHONPATH=.baseline alone would
@@ -49,17 +50,26 @@ engine)
     step hf-random 150 python3 -m benchmarks.hf_baseline --batch-sizes 1,32,128 --input-len 512 --output-len 128 \
         --output-json "$results/hf_random.json"
     ;;
-verify)  # a change against the code before it, same card, same call: latency, T3-500, then a decode profile
-    step latency 130 python3 -m benchmarks.latency --cases 1x32,1x1024,64x1024,256x1024 \
+verify)  # a change against the code before it, same card, same call: latency, T3-500, then a batch-256 profile
+    step latency 120 python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
         --output-json "$results/latency.json"
-    step latency-baseline 110 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x32,1x1024,64x1024,256x1024 \
+    step latency-baseline 100 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
         --output-json "$results/latency_baseline.json"
     step t3-500 100 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
         --no-roofline --output-json "$results/t3_500.json"
     step t3-500-baseline 100 "${baseline[@]}" python3 -m benchmarks.throughput "${dummy[@]}" \
         --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500_baseline.json"
-    step profile-b1 60 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
-        --output-json "$results/profile_b1.json"
+    step profile-b256 70 python3 -m benchmarks.profile_decode --batch 256 --context 1024 \
+        --trace-dir /tmp/traces/b256 --output-json "$results/profile_b256.json"
+    ;;
+reverse)  # verify's batch-256 and T3-500 comparisons in the other order: is a difference the code or the order?
+    step latency-baseline 80 "${baseline[@]}" python3 -m benchmarks.latency --cases 256x1024 \
+        --output-json "$results/latency_baseline.json"
+    step latency 80 python3 -m benchmarks.latency --cases 256x1024 --output-json "$results/latency.json"
+    step t3-500-baseline 90 "${baseline[@]}" python3 -m benchmarks.throughput "${dummy[@]}" \
+        --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500_baseline.json"
+    step t3-500 90 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
+        --no-roofline --output-json "$results/t3_500.json"
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \

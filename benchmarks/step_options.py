@@ -1,12 +1,14 @@
-"""XLA options for the model step, compared in one process on one card: decode step time and TTFT per variant.
+"""XLA options for the model step, compared in one process: decode step time and TTFT per variant.
 
     python -m benchmarks.step_options --cases 1x32,1x1024,64x1024
+    python -m benchmarks.step_options -tp 2 --variants engine,collectives-outside-graph,nccl
 
 Why: a batch-1 trace of Llama-3.1-8B on an H200 showed the host spending ~3.1 ms per step updating the step's CUDA
 graph (XLA "command buffers": the step's input and output buffers move every step) and ~2.3 ms launching it, more
 than the 4.4 ms the GPU works; the step is host-bound. Variants: the engine's options (command buffers whose
 temporary buffers do not force an update), XLA's default update mode, its profiled mode (buffers seen at a stable
-address are not watched), and command buffers off (kernels launched one by one, asynchronously).
+address are not watched), and command buffers off (kernels launched one by one, asynchronously). Under tensor
+parallelism: the all-reduces left outside the CUDA graph, as XLA does by default, and on NCCL.
 Each variant builds its engine with `runner.step_compiler_options` extended by the variant's options (this script
 only; the engine's own choice lives in that function).
 """
@@ -25,6 +27,10 @@ VARIANTS = {  # options laid over the engine's own; None removes one, so XLA's d
     # cache) a fixed one, so only commands touching the moving inputs and outputs would need an update.
     "skip-profiled": {"xla_gpu_command_buffer_update_mode": "SKIP_PROFILED"},
     "no-command-buffers": {"xla_gpu_enable_command_buffer": ""},
+    # Tensor parallel only: the all-reduces outside the CUDA graph (XLA's default list), each splitting it in two;
+    # and the all-reduces on NCCL rather than XLA's collective kernels.
+    "collectives-outside-graph": {"xla_gpu_enable_command_buffer": None},
+    "nccl": {"xla_gpu_experimental_use_collective_kernels": None},
 }
 
 
@@ -38,7 +44,8 @@ def measure(variant: str, cases: list[tuple[int, int]], args) -> list[dict]:
     runner.step_compiler_options = with_variant
     try:
         engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", enforce_eager=True,
-                                        skip_tokenizer_init=True, max_model_len=4096))
+                                        skip_tokenizer_init=True, max_model_len=4096,
+                                        tensor_parallel_size=args.tensor_parallel_size))
     finally:
         runner.step_compiler_options = chosen
     rows = []
@@ -58,7 +65,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
     parser.add_argument("--cases", default="1x32,1x1024,64x1024", help="batch x context, ...")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="engine,xla-default-update,skip-profiled,no-command-buffers")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)

@@ -24,7 +24,9 @@ from serving.cli import engine_config, parse_args
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "llama3"
 GPU = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}  # every GPU step (runner.step_compiler_options)
-KERNELS = GPU | {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}
+GRAPHED = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION,COLLECTIVES"
+TP = GPU | {"xla_gpu_enable_command_buffer": GRAPHED}  # tensor parallel: all-reduces inside the step's CUDA graph
+KERNELS = TP | {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}
 
 CHILD = r"""
 import json, sys
@@ -79,9 +81,9 @@ def test_the_server_flag_reaches_the_engine_config():
 @pytest.mark.parametrize("platform, tp, disabled, nnodes, want", [
     ("gpu", 2, False, 1, KERNELS),
     ("gpu", 8, False, 1, KERNELS),
-    ("gpu", 2, True, 1, GPU),  # --disable-custom-all-reduce: NCCL
+    ("gpu", 2, True, 1, TP),  # --disable-custom-all-reduce: NCCL
     ("gpu", 1, False, 1, GPU),  # no collective to speed up
-    ("gpu", 4, False, 2, GPU),  # across hosts, as vLLM's custom all-reduce: NCCL
+    ("gpu", 4, False, 2, TP),  # across hosts, as vLLM's custom all-reduce: NCCL
     ("cpu", 2, False, 1, {}),
     ("tpu", 2, False, 1, {}),
 ])
@@ -99,6 +101,17 @@ def test_xla_accepts_the_option_as_spelled_and_rejects_the_xla_flags_spelling():
     assert jax.jit(lambda a: a * 2, compiler_options=options)(x).tolist() == [0.0, 2.0, 4.0, 6.0]
     with pytest.raises(Exception, match="not a valid enum value"):
         jax.jit(lambda a: a * 3, compiler_options={"xla_gpu_experimental_use_collective_kernels": "ALL_REDUCE"})(x)
+
+
+def test_the_graphed_commands_are_xlas_default_plus_collectives(tmp_path):
+    """XLA dumps the options that differ from its defaults: dropping CUSTOM_CALL by flag shows the default list."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_gpu_enable_command_buffer=-CUSTOM_CALL")
+    subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda a: a + 1)(1.0).block_until_ready()"],
+                   env=env, check=True, timeout=120)
+    dumped = {line.split(": ")[1].strip() for path in tmp_path.glob("*.debug_options")
+              for line in path.read_text().splitlines() if line.startswith("xla_gpu_enable_command_buffer:")}
+    assert dumped | {"CUSTOM_CALL", "COLLECTIVES"} == set(GRAPHED.split(","))
 
 
 def test_llm_kwarg_reaches_the_config_and_tp2_greedy_equals_tp1_either_way(tp_report):

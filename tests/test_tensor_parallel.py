@@ -80,11 +80,16 @@ def spec_of(entry: dict) -> list:
     return spec
 
 
+def four_cpu_devices() -> dict:
+    """A child process's environment: jax on 4 CPU devices, importing this checkout."""
+    return dict(os.environ, XLA_FLAGS=FOUR_DEVICES, JAX_PLATFORMS="cpu",
+                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
 def run_child(fixture: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=FOUR_DEVICES, JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     child = subprocess.run([sys.executable, "-c", CHILD, str(FIXTURES / fixture), json.dumps(PROMPTS),
-                            str(MAX_TOKENS)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+                            str(MAX_TOKENS)], env=four_cpu_devices(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=400)
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-6000:]
     line = next(line for line in child.stdout.splitlines() if line.startswith("REPORT"))
     return {int(tp): r for tp, r in json.loads(line[len("REPORT"):]).items()}
@@ -150,6 +155,48 @@ def test_tp_greedy_equals_tp1_and_weights_and_kv_are_sharded(fixture):
         kinds = sorted({(op, shape.split("{")[0]) for shape, op in r["collectives"]})
         assert kinds == [("all-gather", f"f32[8,{v}]"), ("all-reduce", f"f32[16,{d}]")], kinds
         assert sum(op == "all-reduce" for _, op in r["collectives"]) == 2 * layers + 1, r["collectives"]
+
+
+EMBED_CHILD = r"""
+import json, re
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxllm.models.layers import embed
+from jaxllm.sharding import make_mesh, param_sharding
+
+rng = np.random.default_rng(0)
+report = {}
+for tp, vocab in ((2, 64), (4, 64), (4, 62)):  # 62 rows do not split over 4: the table stays whole
+    mesh = make_mesh(tp)
+    table = rng.standard_normal((vocab, 8)).astype(np.float32)
+    placed = jax.device_put(table, param_sharding("embed", table.shape, mesh))
+    rows = vocab // tp
+    ids = np.array([0, rows - 1, rows, vocab - 1, 5, rows + 3, 0], np.int32)  # every slice's edges, a repeat
+    lookup = jax.jit(lambda t, i: embed(t, i, mesh))
+    out = np.asarray(lookup(placed, jax.device_put(ids, NamedSharding(mesh, P()))))
+    lowered = lookup.lower(placed, ids[:1])  # one token: where XLA:GPU's partitioner gathered the whole table
+    hlo = lowered.compile().as_text()
+    report[f"{tp}x{vocab}"] = {"equal": bool((out == table[ids]).all()), "spec": list(placed.sharding.spec),
+                               "collectives": re.findall(r"= (\S+) (all-reduce|all-gather)(?:-start)?\(", hlo),
+                               "stablehlo": re.findall(r"stablehlo\.(all_reduce|all_gather)", lowered.as_text())}
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_vocab_parallel_embedding_sums_each_devices_rows_with_one_small_all_reduce():
+    child = subprocess.run([sys.executable, "-c", EMBED_CHILD], env=four_cpu_devices(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-4000:]
+    report = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("REPORT"))[6:])
+    for case in ("2x64", "4x64"):  # split rows: a [1, 8] all-reduce, never the [64, 8] table gathered
+        assert report[case]["equal"] and spec_of(report[case]) == ["tp"], report[case]
+        # The program asks for the all-reduce itself (shard_map + psum) rather than leaving the gather to the
+        # partitioner, whose choice differs by backend: CPU's sums rows too, XLA:GPU's gathered the table.
+        assert report[case]["stablehlo"] == ["all_reduce"], report[case]
+        assert [(op, shape.split("{")[0]) for shape, op in report[case]["collectives"]] == [
+            ("all-reduce", "f32[1,8]")], report[case]
+    whole = report["4x62"]
+    assert whole["equal"] and spec_of(whole) == [] and whole["collectives"] == whole["stablehlo"] == [], whole
 
 
 def test_head_rules_are_vllms_and_errors_name_both_numbers():

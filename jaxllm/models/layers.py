@@ -12,7 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxllm import sharding
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import split_fused
 
@@ -57,6 +59,26 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = x[..., :half], x[..., half:]  # [T, N, R] each
     cos, sin = cos[:, None, :], sin[:, None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def embed(table: jax.Array, token_ids: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    """table [V, D] rows at token_ids [T] -> [T, D].
+
+    A table split over the vocabulary ("tp") is looked up as vLLM's VocabParallelEmbedding does: each device takes
+    the ids inside its slice of rows (zeros for the others) and one all-reduce of [T, D] sums the parts. Left to the
+    partitioner, XLA:GPU all-gathered the whole table in steps of few tokens: 2.1 GB and 4.5 ms a step for
+    Llama-3.1-70B at tensor parallelism 4 (RESULTS.md).
+    """
+    if sharding.tp_size(mesh) == 1 or sharding.TP not in sharding.param_spec("embed", table.shape, mesh):
+        return jnp.take(table, token_ids, axis=0)
+
+    def lookup(rows, ids):  # rows [V / tp, D]: this device's slice
+        local = ids - jax.lax.axis_index(sharding.TP) * rows.shape[0]
+        inside = (local >= 0) & (local < rows.shape[0])
+        x = jnp.take(rows, jnp.where(inside, local, 0), axis=0)
+        return jax.lax.psum(jnp.where(inside[:, None], x, jnp.zeros((), x.dtype)), sharding.TP)
+
+    return jax.shard_map(lookup, mesh=mesh, in_specs=(P(sharding.TP, None), P()), out_specs=P())(table, token_ids)
 
 
 def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -33,7 +33,7 @@ from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.attention import attention
 from jaxllm.models.fusion import FusedProjection, fuse_params
-from jaxllm.models.layers import mlp, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxllm.models.layers import embed, mlp, rms_norm, rope_cos_sin, rope_inv_freq
 from jaxllm.models.weight_map import WeightRule
 
 _LAYER = "model.layers.{i}."
@@ -134,7 +134,7 @@ class LlamaForCausalLM:
         c = self.config
         if kv_cache.num_layers != c.num_layers:
             raise ValueError(f"kv_cache has {kv_cache.num_layers} layers, model has {c.num_layers}")
-        x = jnp.take(params["embed"], token_ids, axis=0)  # [T, D]
+        x = embed(params["embed"], token_ids, self.mesh)  # [T, D]
         cos, sin = rope_cos_sin(metadata.positions, rope_inv_freq(c), x.dtype)  # [T, R]
         new_k, new_v = [], []
         for i, p in enumerate(params["layers"]):

@@ -1,6 +1,7 @@
 """ModelRunner: owns the device state (weights, KV cache) and every jit site of the engine.
 
-One step: pack the batch into one i32 buffer and the sampler's inputs into another (one device_put of both), run
+One step: pack the batch into one i32 buffer and the sampler's inputs into another (one device_put of both), copy
+the step's into its bucket's input buffer (fixed on the device, so the step's CUDA graph keeps its addresses), run
 the jitted model with the KV cache donated, sample on device, and bring back only the sampled ids (and requested
 logprobs).
 
@@ -69,6 +70,10 @@ class ModelRunner:
                              compiler_options=step_compiler_options(config, self.platform))
         self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), out_shardings=self._replicated)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), out_shardings=self._replicated)
+        self._copy_into = jax.jit(_copy_into, donate_argnums=(0,))
+        # Per bucket, the device buffer the step reads its inputs from, rewritten in place every step (`_stage`): for
+        # Llama-3.1-8B's 15 GPU buckets at 131072 tokens of context, 69 MiB in all (block tables dominate).
+        self._staged: dict[BatchLayout, jax.Array] = {}
         # The previous step's sampled ids (padded to max_num_seqs), fed on device to a step dispatched ahead.
         self._last_tokens = jax.device_put(np.zeros(config.max_num_seqs, np.int32), self._replicated)
         self.kv_plan = self._plan_kv_cache()
@@ -203,6 +208,7 @@ class ModelRunner:
         # One device_put of two buffers, so the model step's compiled shape depends on the bucket only. (Slicing one
         # buffer on the device instead cost a dispatch of its own, 0.3-0.4 ms of host time per step on an H200.)
         step_buffer, sampling_buffer = jax.device_put((step_inputs, sampling), self._replicated)
+        step_buffer = self._stage(layout, step_buffer)
         self.kv_cache, logits = self._step(self.params, self.kv_cache, step_buffer, self._last_tokens, layout)
         prompt = None
         if prompt_logprobs_k is not None:
@@ -211,6 +217,20 @@ class ModelRunner:
         sampled, self._last_tokens = self._sample(logits, sampling_buffer, sampling_layout,
                                                   self._last_tokens.shape[0])
         return sampled, prompt
+
+    def _stage(self, layout: BatchLayout, fresh: jax.Array) -> jax.Array:
+        """`fresh` copied into this bucket's input buffer, which keeps its device address from step to step.
+
+        XLA runs the step as a CUDA graph and, before each launch, updates every command whose buffers moved. The
+        inputs are read by every layer (positions, slots, block tables), and a fresh transfer lands at a new address:
+        at batch 256 on an H200 the update took ~6 ms of host time per step and the launch ~2.4 ms (RESULTS.md).
+        A donated copy (one small kernel) writes the new inputs where the previous ones were; the step in flight
+        still reads the old ones, as the copy runs after it on the device.
+        """
+        held = self._staged.pop(layout, None)
+        staged = fresh if held is None else self._copy_into(held, fresh)
+        self._staged[layout] = staged
+        return staged
 
     def follow(self) -> None:
         """Nodes 1.. of a multi-node run: replay the leader's device operations until it closes."""
@@ -262,9 +282,10 @@ class ModelRunner:
             return
         if self.channel is not None and distributed.is_leader():
             self.channel.send("close")
-        for leaf in jax.tree_util.tree_leaves((self.params, self.kv_cache)):
+        for leaf in jax.tree_util.tree_leaves((self.params, self.kv_cache, list(self._staged.values()))):
             leaf.delete()
         self.params = self.kv_cache = None
+        self._staged = {}
         self._step = self._sample = None
 
 
@@ -283,13 +304,29 @@ def step_compiler_options(config: EngineConfig, platform: str) -> dict[str, str]
     On 4x H200 over NVLink they measured the same as NCCL, 25-30 us per small all-reduce (benchmarks/allreduce.py,
     RESULTS.md). The value is the DebugOptions enum's full name: per-compile options are parsed by proto reflection,
     which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
+
+    XLA's command buffers leave collectives out by default, so under tensor parallelism each all-reduce split the
+    step's CUDA graph: 65 graphs per step per device for Llama-3.1-8B, each updated and launched by the host. The
+    step records collectives too (the list is XLA's default, `_GRAPHED`, plus COLLECTIVES; per-compile options
+    replace the list, and take neither the "+" form nor short names).
     """
     if platform not in ("gpu", "cuda"):
         return {}
     options = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}
-    if config.tensor_parallel_size > 1 and config.nnodes == 1 and not config.disable_custom_all_reduce:
-        options["xla_gpu_experimental_use_collective_kernels"] = "COLLECTIVE_KERNEL_ALL_REDUCE"
+    if config.tensor_parallel_size > 1:
+        options["xla_gpu_enable_command_buffer"] = ",".join(_GRAPHED + ("COLLECTIVES",))
+        if config.nnodes == 1 and not config.disable_custom_all_reduce:
+            options["xla_gpu_experimental_use_collective_kernels"] = "COLLECTIVE_KERNEL_ALL_REDUCE"
     return options
+
+
+# The commands XLA (jaxlib 0.11.2) records into command buffers by default.
+_GRAPHED = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "CONDITIONAL", "DYNAMIC_SLICE_FUSION")
+
+
+def _copy_into(held: jax.Array, fresh: jax.Array) -> jax.Array:
+    """`fresh`, written over `held` (donated by the caller), so the result lives where `held` did."""
+    return jax.lax.dynamic_update_slice(held, fresh, (0,))
 
 
 def _static_fields(metadata: SamplingMetadata) -> dict:
