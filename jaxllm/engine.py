@@ -6,6 +6,7 @@ requests that moved. With run-ahead, the next step is dispatched before this one
 """
 
 import dataclasses
+import gc
 import hashlib
 import itertools
 import logging
@@ -103,6 +104,11 @@ class LLMEngine:
         self._prompt_logprobs: dict[str, list] = {}  # request id -> prompt logprobs recorded so far
         self._row_constants: dict[tuple[str, int], RowConstants] = {}  # (request id, sample) -> sampling constants
         self._in_flight: _InFlight | None = None  # the step dispatched ahead, if any
+        # What start-up left (~160k objects: jax, the tokenizer, the model's tables) lives as long as the engine.
+        # Left to the cyclic collector, each full collection walked all of it: a ~100 ms pause every ~150 steps at
+        # 256 sequences on a 2-core CPU (0.7 ms a step on average), ~1 ms once frozen. vLLM freezes too.
+        gc.collect()
+        gc.freeze()
 
     def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
                         arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
@@ -330,6 +336,7 @@ class LLMEngine:
             self.runner.fetch(self._in_flight.pending)
             self._in_flight = None
         self.runner.close()
+        gc.unfreeze()  # what the engine held can be collected again (another engine's heap then is too: no harm)
 
 
 def _needs_prompt_logprobs(s) -> bool:
