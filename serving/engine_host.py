@@ -57,11 +57,13 @@ class EngineHost:
 
         def build():
             try:
-                engine = self._engine_factory()
+                engine, error = self._engine_factory(), None
             except BaseException as exc:  # noqa: BLE001 - reported to the loop, which decides what to do
-                loop.call_soon_threadsafe(_settle, done, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, done, engine, None)
+                engine, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, done, engine, error)
+            except RuntimeError:  # the loop is closed: the server stopped while this loaded; nobody waits for it
+                pass
 
         # A daemon thread, not to_thread: a SIGTERM during a long compile must not wait for it to finish.
         threading.Thread(target=build, name="jaxllm-engine-load", daemon=True).start()

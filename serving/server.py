@@ -9,6 +9,7 @@ rather than a server that is 503 forever.
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 
@@ -134,4 +135,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info("listening on http://%s:%d (model loading; /health is 503 until ready)", bound_host, bound_port)
     server.run(sockets=[sock])
     logger.info("server stopped (exit code %d)", server.exit_code)
+    if host.engine is None and host.load_error is None:
+        # Stopped while the engine was still loading: its thread is inside XLA's compiler. The interpreter's exit
+        # would run under it (a traceback from the thread, once a C++ abort); leave now, as the thread would leave.
+        logging.shutdown()
+        os._exit(server.exit_code)
     return server.exit_code
