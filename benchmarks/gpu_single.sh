@@ -32,11 +32,24 @@ hf_ratio() {  # HF generate() and jaxllm on the same 32 ShareGPT-like requests, 
         --no-roofline --output-json "$results/ours_sharegpt.json"
 }
 
+latency_of() {  # latency_of current|baseline SECONDS CASES: benchmarks.latency on that code
+    local suffix="" code=()
+    if [ "$1" = baseline ]; then suffix=_baseline code=("${baseline[@]}"); fi
+    step "latency${suffix//_/-}" "$2" "${code[@]}" python3 -m benchmarks.latency --cases "$3" \
+        --output-json "$results/latency$suffix.json"
+}
+
+t3_500_of() {  # t3_500_of current|baseline SECONDS: T3, 500 ShareGPT-like requests, on that code
+    local suffix="" code=()
+    if [ "$1" = baseline ]; then suffix=_baseline code=("${baseline[@]}"); fi
+    step "t3-500${suffix//_/-}" "$2" "${code[@]}" python3 -m benchmarks.throughput "${dummy[@]}" \
+        --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500$suffix.json"
+}
+
 case $part in
 engine)
     if [ -d .baseline ]; then  # the code before this change, same card, same call
-        step latency-baseline 150 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x1024,64x1024 \
-            --output-json "$results/latency_baseline.json"
+        latency_of baseline 150 1x1024,64x1024
     fi
     step latency 200 python3 -m benchmarks.latency --trace-dir /tmp/traces/ttft --output-json "$results/latency.json"
     step profile-b1 100 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
@@ -51,25 +64,18 @@ engine)
         --output-json "$results/hf_random.json"
     ;;
 verify)  # a change against the code before it, same card, same call: latency, T3-500, then a batch-256 profile
-    step latency 120 python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
-        --output-json "$results/latency.json"
-    step latency-baseline 100 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
-        --output-json "$results/latency_baseline.json"
-    step t3-500 100 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
-        --no-roofline --output-json "$results/t3_500.json"
-    step t3-500-baseline 100 "${baseline[@]}" python3 -m benchmarks.throughput "${dummy[@]}" \
-        --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500_baseline.json"
+    latency_of current 120 1x1024,64x1024,256x1024
+    latency_of baseline 100 1x1024,64x1024,256x1024
+    t3_500_of current 100
+    t3_500_of baseline 100
     step profile-b256 70 python3 -m benchmarks.profile_decode --batch 256 --context 1024 \
         --trace-dir /tmp/traces/b256 --output-json "$results/profile_b256.json"
     ;;
 reverse)  # verify's batch-256 and T3-500 comparisons in the other order: is a difference the code or the order?
-    step latency-baseline 80 "${baseline[@]}" python3 -m benchmarks.latency --cases 256x1024 \
-        --output-json "$results/latency_baseline.json"
-    step latency 80 python3 -m benchmarks.latency --cases 256x1024 --output-json "$results/latency.json"
-    step t3-500-baseline 90 "${baseline[@]}" python3 -m benchmarks.throughput "${dummy[@]}" \
-        --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500_baseline.json"
-    step t3-500 90 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 500 \
-        --no-roofline --output-json "$results/t3_500.json"
+    latency_of baseline 80 256x1024
+    latency_of current 80 256x1024
+    t3_500_of baseline 90
+    t3_500_of current 90
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \
@@ -84,8 +90,7 @@ more)  # a traced prefill-heavy step, T1, the step-option variants in one proces
     ;;
 final)  # the latency table (new and baseline engine, the same benchmark code), decode idle at 1 and 64, HF ratio
     step latency 140 python3 -m benchmarks.latency --output-json "$results/latency.json"
-    step latency-baseline 110 "${baseline[@]}" python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
-        --output-json "$results/latency_baseline.json"
+    latency_of baseline 110 1x1024,64x1024,256x1024
     for b in 1 64; do
         step "profile-b$b" 50 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
             --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"

@@ -15,22 +15,31 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
 b8=benchmarks/configs/llama-3.1-8b
 b70=benchmarks/configs/llama-3.1-70b
+latency_70b() {  # batch-1 and batch-64 decode and TTFT of 70B at tp 4
+    step 70b-tp4 170 python3 -m benchmarks.latency --model $b70 -tp 4 --cases 1x1024,64x1024 \
+        --output-json "$OUT/latency_70b_tp4.json"
+}
+profile_70b() {  # a traced batch-1 decode of 70B at tp 4
+    step profile-70b-tp4 100 python3 -m benchmarks.profile_decode --model $b70 -tp 4 --batch 1 --context 1024 \
+        --trace-dir /tmp/traces/70b_tp4_b1 --output-json "$OUT/profile_70b_tp4.json"
+}
+t1() {  # t1 NAME MODEL TP SECONDS: T1, 1000 random prompts of 1024 in / 128 out
+    step "t1-$1" "$4" python3 -m benchmarks.throughput --model "$2" --load-format dummy --dtype bfloat16 \
+        --skip-tokenizer-init -tp "$3" --input-len 1024 --output-len 128 --num-prompts 1000 \
+        --output-json "$OUT/t1_${1//-/_}.json"
+}
+
 case $part in
 latency)
     step options-8b-tp2 150 python3 -m benchmarks.step_options --model $b8 -tp 2 --cases 1x1024,64x1024 \
         --variants engine,collectives-outside-graph,nccl --output-json "$OUT/options_8b_tp2.json"
-    step 70b-tp4 170 python3 -m benchmarks.latency --model $b70 -tp 4 --cases 1x1024,64x1024 \
-        --output-json "$OUT/latency_70b_tp4.json" \
+    latency_70b \
         || step memory-70b-tp4 90 python3 -m benchmarks.memory --model $b70 -tp 4 --output-json "$OUT/memory_70b_tp4.json"
-    step profile-70b-tp4 100 python3 -m benchmarks.profile_decode --model $b70 -tp 4 --batch 1 --context 1024 \
-        --trace-dir /tmp/traces/70b_tp4_b1 --output-json "$OUT/profile_70b_tp4.json"
-    step t1-8b-tp2 120 python3 -m benchmarks.throughput --model $b8 --load-format dummy --dtype bfloat16 \
-        --skip-tokenizer-init -tp 2 --input-len 1024 --output-len 128 --num-prompts 1000 --output-json "$OUT/t1_8b_tp2.json"
+    profile_70b
+    t1 8b-tp2 $b8 2 120
     ;;
 more)
-    step t1-70b-tp4 330 python3 -m benchmarks.throughput --model $b70 --load-format dummy --dtype bfloat16 \
-        --skip-tokenizer-init -tp 4 --input-len 1024 --output-len 128 --num-prompts 1000 \
-        --output-json "$OUT/t1_70b_tp4.json"
+    t1 70b-tp4 $b70 4 330
     step profile-8b-tp2 90 python3 -m benchmarks.profile_decode --model $b8 -tp 2 --batch 1 --context 1024 \
         --trace-dir /tmp/traces/8b_tp2_b1 --output-json "$OUT/profile_8b_tp2.json"
     # Which collectives the compiled tp-2 step holds (the 70B trace shows an all-gather that waits 4.5 ms).
@@ -40,10 +49,8 @@ more)
         > "$OUT/collectives_8b_tp2.txt"
     ;;
 recheck)
-    step 70b-tp4 170 python3 -m benchmarks.latency --model $b70 -tp 4 --cases 1x1024,64x1024 \
-        --output-json "$OUT/latency_70b_tp4.json"
-    step profile-70b-tp4 90 python3 -m benchmarks.profile_decode --model $b70 -tp 4 --batch 1 --context 1024 \
-        --trace-dir /tmp/traces/70b_tp4_b1 --output-json "$OUT/profile_70b_tp4.json"
+    latency_70b
+    profile_70b
     step 8b-tp2 80 python3 -m benchmarks.latency --model $b8 -tp 2 --cases 1x1024,64x1024 \
         --output-json "$OUT/latency_8b_tp2.json"
     ;;

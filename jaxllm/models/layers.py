@@ -76,7 +76,7 @@ def embed(table: jax.Array, token_ids: jax.Array, mesh: Mesh | None = None) -> j
         local = ids - jax.lax.axis_index(sharding.TP) * rows.shape[0]
         inside = (local >= 0) & (local < rows.shape[0])
         x = jnp.take(rows, jnp.where(inside, local, 0), axis=0)
-        return jax.lax.psum(jnp.where(inside[:, None], x, jnp.zeros((), x.dtype)), sharding.TP)
+        return jax.lax.psum(jnp.where(inside[:, None], x, 0), sharding.TP)
 
     return jax.shard_map(lookup, mesh=mesh, in_specs=(P(sharding.TP, None), P()), out_specs=P())(table, token_ids)
 
