@@ -161,10 +161,16 @@ class ModelRunner:
         layouts = self.buckets.layouts()
         progress("compiling buckets", 0, len(layouts))
         with concurrent.futures.ThreadPoolExecutor(max_workers=_COMPILE_THREADS) as pool:
-            compiles = [pool.submit(lambda layout: self.lower_step(layout).compile(), layout) for layout in layouts]
+            compiles = [pool.submit(self._compile_bucket, layout) for layout in layouts]
             for done, future in enumerate(concurrent.futures.as_completed(compiles), 1):
                 future.result()
                 progress("compiling buckets", done, len(layouts))
+
+    def _compile_bucket(self, layout: BatchLayout) -> None:
+        """The step and the copy into its staged inputs (`_stage`): compiled now, not at a bucket's second step."""
+        self.lower_step(layout).compile()
+        staged = inputs.abstract_buffer(layout, self._replicated)
+        self._copy_into.lower(staged, staged).compile()
 
     def lower_step(self, layout: BatchLayout, kv_cache: KVCache | None = None):
         """The model step for one layout, lowered (compile it, or read its HLO)."""
