@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
 #   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
 #   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
-#   bash benchmarks/gpu_single.sh reverse  # verify's batch-256 step and T3-500 with the baseline run first
+#   bash benchmarks/gpu_single.sh reverse  # verify with the baseline run first, then batch-256 and batch-1 profiles
 # Wheels the GPU image lacks (fastapi, uvicorn, ...) come in .whl/ (README "Benchmarks"). The baseline is the code
 # before a change, unpacked in .baseline/ (`git archive <commit> jaxllm pallas_kernels benchmarks`) and run from
 # inside it: `python -m` puts the working directory ahead of PYTHONPATH, so PYTHONPATH=.baseline alone would
@@ -71,11 +71,15 @@ verify)  # a change against the code before it, same card, same call: latency, T
     step profile-b256 70 python3 -m benchmarks.profile_decode --batch 256 --context 1024 \
         --trace-dir /tmp/traces/b256 --output-json "$results/profile_b256.json"
     ;;
-reverse)  # verify's batch-256 and T3-500 comparisons in the other order: is a difference the code or the order?
-    latency_of baseline 80 256x1024
-    latency_of current 80 256x1024
+reverse)  # verify with the baseline run first (is a difference the code or the order?), then batch-1/256 profiles
+    latency_of baseline 100 1x1024,64x1024,256x1024
+    latency_of current 100 1x1024,64x1024,256x1024
     t3_500_of baseline 90
     t3_500_of current 90
+    for b in 256 1; do
+        step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
+            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
+    done
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \

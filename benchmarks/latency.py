@@ -4,7 +4,8 @@ computed from this card's copy bandwidth and matmul rate measured in the same ru
     python -m benchmarks.latency --model benchmarks/configs/llama-3.1-8b --load-format dummy
 
 L1: batch-1 decode ms/token at 32 / 1024 / 8192 context. S1: decode step time at batch 1 / 64 / 256 with 1k context.
-TTFT: one 1024-token prompt on an idle engine. Prompts are random token ids; ignore_eos; warm-up excluded.
+TTFT: one 1024-token prompt on an idle engine, the median of --ttft-repeats. Prompts are random token ids;
+ignore_eos; warm-up excluded.
 With --trace-dir, each batch-1 measured run is a jax.profiler trace (its figures include the profiler's cost) in
 which the time to the first token is the host annotation `ttft`; a line after the case's row says what the GPU did in
 that window: kernels, busy time, the window's span, idle share and the top 5 kernels (benchmarks/trace_summary.py).
@@ -60,6 +61,25 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
             "decode_step_s": float(np.mean(decode_times)), "decode_step_median_s": float(np.median(decode_times))}
 
 
+def time_to_first_token(engine: LLMEngine, *, context: int, repeats: int, seed: int = 2) -> list[float]:
+    """Seconds from add_request to the first token of one `context`-token prompt on an idle engine, `repeats`
+    times (one prompt's TTFT is a single prefill step: a single figure of it varied by 30% from run to run)."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    times = []
+    for i in range(repeats):
+        ids = rng.integers(10, vocab - 10, context).tolist()
+        start = time.perf_counter()
+        engine.add_request(f"ttft{context}s{seed}r{i}", {"prompt_token_ids": ids}, params)
+        while not any(o.finished for o in engine.step()):
+            pass
+        times.append(time.perf_counter() - start)
+        while engine.has_unfinished_requests():
+            engine.step()
+    return times
+
+
 def parse_cases(text: str) -> list[tuple[int, int]]:
     """"1x32,64x1024" -> [(1, 32), (64, 1024)]: (batch, context) pairs."""
     return [tuple(int(x) for x in case.split("x")) for case in text.split(",")]
@@ -77,6 +97,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (the baseline)")
     parser.add_argument("--disable-custom-all-reduce", action="store_true", help="TP all-reduces on NCCL only")
     parser.add_argument("--cases", default="1x32,1x1024,1x8192,64x1024,256x1024", help="batch x context, ...")
+    parser.add_argument("--ttft-repeats", type=int, default=9, help="TTFT of one prompt: the median of this many")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--trace-dir", default=None, help="profile each batch-1 measured run into DIR/b1c<context>")
     args = parser.parse_args(argv)
@@ -108,6 +129,9 @@ def main(argv=None) -> dict:
         r["decode_roofline_s"] = floor
         r["decode_ratio"] = r["decode_step_s"] / floor
         if batch == 1:
+            time_to_first_token(engine, context=context, repeats=1)  # the prefill-only path warmed up
+            r["ttft_samples_s"] = time_to_first_token(engine, context=context, repeats=args.ttft_repeats)
+            r["ttft_s"] = float(np.median(r["ttft_samples_s"]))
             r["ttft_roofline_s"] = costs.prefill_flops(context) / (tp * flops)
             r["ttft_ratio"] = r["ttft_s"] / r["ttft_roofline_s"]
         rows.append(r)

@@ -1,6 +1,6 @@
 """The KV cache is donated into every step and updated in place: never copied, on any path that writes it. The
-step's inputs (one buffer per bucket) keep their device address from step to step too, so on a GPU XLA need not
-update the step's CUDA graph for them."""
+step's inputs (one buffer per bucket), its logits and the sampled ids fed back to the next step keep their device
+address from step to step too, so on a GPU XLA need not update the step's CUDA graph for them."""
 
 import numpy as np
 import pytest
@@ -53,12 +53,16 @@ def test_block_copies_and_swaps_update_the_cache_in_place(engine):
     assert _pointers(runner.kv_cache) == pointers
 
 
-def test_step_inputs_keep_their_device_address(engine):
+def test_step_inputs_and_outputs_keep_their_device_address(engine):
     runner = engine.runner
     staged, steps = {}, []
     stage = runner._stage
+    # The logits buffer and the fed-back ids: each step's output is written over the buffer the step was given.
+    fixed = {"logits": {runner._logits.unsafe_buffer_pointer()}, "ids": {runner._last_tokens.unsafe_buffer_pointer()}}
 
     def recording(layout, fresh):
+        fixed["logits"].add(runner._logits.unsafe_buffer_pointer())
+        fixed["ids"].add(runner._last_tokens.unsafe_buffer_pointer())
         out = stage(layout, fresh)
         staged.setdefault(layout, set()).add(out.unsafe_buffer_pointer())
         steps.append(layout)
@@ -78,6 +82,7 @@ def test_step_inputs_keep_their_device_address(engine):
         runner._stage = stage
     assert len(steps) > 2 * len(staged), steps  # buckets were reused
     assert all(len(addresses) == 1 for addresses in staged.values()), staged  # one address per bucket
+    assert all(len(addresses) == 1 for addresses in fixed.values()), fixed
     # The same requests one at a time (fresh buckets, a different mix per step) give the same greedy tokens.
     for i, ids in enumerate(prompts):
         engine.add_request(f"alone{i}", {"prompt_token_ids": ids}, greedy)

@@ -41,8 +41,8 @@ def test_the_gpu_step_has_no_host_driven_loops():
         assert {layout.decode_only for layout in layouts} == {True, False}
         for layout in layouts:
             buffer = inputs.abstract_buffer(layout, runner._replicated)
-            closed = jax.make_jaxpr(runner._step_fn, static_argnums=(4,))(
-                runner.params, runner.kv_cache, buffer, runner._last_tokens, layout)
+            closed = jax.make_jaxpr(runner._step_fn, static_argnums=(5,))(
+                runner.params, runner.kv_cache, buffer, runner._last_tokens, runner._logits_out(layout), layout)
             names = _primitives_outside_kernels(closed.jaxpr)
             assert "pallas_call" in names, (layout, "the Triton kernels were not traced: the check would be vacuous")
             assert LOOP not in names, layout

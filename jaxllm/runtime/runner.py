@@ -1,9 +1,13 @@
 """ModelRunner: owns the device state (weights, KV cache) and every jit site of the engine.
 
 One step: pack the batch into one i32 buffer and the sampler's inputs into another (one device_put of both), copy
-the step's into its bucket's input buffer (fixed on the device, so the step's CUDA graph keeps its addresses), run
-the jitted model with the KV cache donated, sample on device, and bring back only the sampled ids (and requested
-logprobs).
+the step's into its bucket's input buffer, run the jitted model with the KV cache donated, sample on device, and
+bring back only the sampled ids (and requested logprobs).
+
+Every buffer the model step reads or writes keeps its device address from step to step: the params, the KV cache
+and the logits buffer (donated and written in place), the bucket's input buffer, the fed-back sampled ids (written
+in place by the sampler). XLA runs the step as a CUDA graph and, before a launch, re-records every command whose
+buffers moved; with nothing moved it only launches the graph (RESULTS.md: ~2-6 ms of host time per step saved).
 
 Tensor parallelism is the mesh: params, KV cache and kernels are sharded over its "tp" axis (jaxllm.sharding), the
 step's inputs and the logits are replicated, so the sampler sees the whole vocabulary. Across hosts the leader's
@@ -66,16 +70,21 @@ class ModelRunner:
         progress("loading weights", 1, 1)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
-        self._step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
+        self._step = jax.jit(self._step_fn, static_argnums=(5,), donate_argnums=(1, 4),
                              compiler_options=step_compiler_options(config, self.platform))
-        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), out_shardings=self._replicated)
+        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), donate_argnums=(4,),
+                               out_shardings=self._replicated)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), out_shardings=self._replicated)
         self._copy_into = jax.jit(_copy_into, donate_argnums=(0,))
         # Per bucket, the device buffer the step reads its inputs from, rewritten in place every step (`_stage`): for
         # Llama-3.1-8B's 15 GPU buckets at 131072 tokens of context, 69 MiB in all (block tables dominate).
         self._staged: dict[BatchLayout, jax.Array] = {}
-        # The previous step's sampled ids (padded to max_num_seqs), fed on device to a step dispatched ahead.
-        self._last_tokens = jax.device_put(np.zeros(config.max_num_seqs, np.int32), self._replicated)
+        # The previous step's sampled ids, fed on device to a step dispatched ahead, and the logits of every step
+        # without prompt logprobs (its first rows). Each has a row more than a step fills: an update of the whole
+        # buffer, XLA would replace by the new value, at a new address, and the donation would go unused.
+        rows = config.max_num_seqs + 1
+        self._last_tokens = jax.device_put(np.zeros(rows, np.int32), self._replicated)
+        self._logits = jax.device_put(np.zeros((rows, self.vocab_size), np.float32), self._replicated)
         self.kv_plan = self._plan_kv_cache()
         logger.info(self.kv_plan.describe())
         self.kv_cache = KVCache.create(
@@ -102,7 +111,10 @@ class ModelRunner:
     def kv_cache_heads(self) -> int:
         return sharding.kv_cache_heads(self.model_config.num_kv_heads, self.config.tensor_parallel_size)
 
-    def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, last_tokens: jax.Array, layout: BatchLayout):
+    def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, last_tokens: jax.Array,
+                 logits_out: jax.Array | None, layout: BatchLayout):
+        """-> (kv_cache, logits): `logits_out` (donated) with the step's logits in its first rows, or, when it is
+        None (steps with prompt logprobs: a row per token), the logits alone."""
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
         # Run-ahead: a token id -(r + 1) stands for the token sampled in row r of the previous step, which the host
         # has not seen yet (`inputs.feed`), so step N + 1 is dispatched while step N still runs.
@@ -112,13 +124,18 @@ class ModelRunner:
         # The lm_head is vocab-parallel: each device computes its slice of the vocabulary, then the logits (not the
         # lm_head, which XLA would otherwise gather on small batches) are gathered so the sampler sees them whole.
         logits = jax.lax.with_sharding_constraint(logits, self._vocab_split)
-        return kv_cache, jax.lax.with_sharding_constraint(logits, self._replicated)
+        logits = jax.lax.with_sharding_constraint(logits, self._replicated)
+        if logits_out is None:
+            return kv_cache, logits
+        return kv_cache, jax.lax.dynamic_update_slice(logits_out, logits, (0, 0))
 
     @staticmethod
-    def _sample_fn(logits: jax.Array, buffer: jax.Array, layout: transfer.PackedLayout, rows: int):
-        out = sample(logits, transfer.unpack(buffer, layout))
-        # The sampled ids again, padded to a fixed size: the next step's `last_tokens`, so it compiles once.
-        return out, jnp.zeros((rows,), jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
+    def _sample_fn(logits: jax.Array, buffer: jax.Array, layout: transfer.PackedLayout, rows: int,
+                   last_tokens: jax.Array):
+        """Sample `logits`' first `rows` rows; the ids are also written into `last_tokens` (donated): the next
+        step's fed-back tokens, at the same address every step."""
+        out = sample(logits[:rows], transfer.unpack(buffer, layout))
+        return out, jax.lax.dynamic_update_slice(last_tokens, out.token_ids, (0,))
 
     @staticmethod
     def _prompt_logprobs_fn(logits: jax.Array, rows: jax.Array, next_ids: jax.Array, k: int):
@@ -175,11 +192,22 @@ class ModelRunner:
     def lower_step(self, layout: BatchLayout, kv_cache: KVCache | None = None):
         """The model step for one layout, lowered (compile it, or read its HLO)."""
         return self._step.lower(self.params, self.kv_cache if kv_cache is None else kv_cache,
-                                inputs.abstract_buffer(layout, self._replicated), self._last_tokens, layout)
+                                inputs.abstract_buffer(layout, self._replicated), self._last_tokens,
+                                self._logits_out(layout), layout)
 
     def forward(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
-        """The model step alone on packed inputs (no sampling): updates the cache, returns the logits."""
-        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens, layout)
+        """The model step alone on packed inputs (no sampling): updates the cache, returns the logits (the first
+        `layout.num_logits` rows; any after them are an earlier step's)."""
+        return self._run_step(buffer, layout)
+
+    def _logits_out(self, layout: BatchLayout) -> jax.Array | None:
+        return None if layout.all_logits else self._logits
+
+    def _run_step(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
+        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens,
+                                           self._logits_out(layout), layout)
+        if not layout.all_logits:
+            self._logits = logits
         return logits
 
     @staticmethod
@@ -214,14 +242,13 @@ class ModelRunner:
         # One device_put of two buffers, so the model step's compiled shape depends on the bucket only. (Slicing one
         # buffer on the device instead cost a dispatch of its own, 0.3-0.4 ms of host time per step on an H200.)
         step_buffer, sampling_buffer = jax.device_put((step_inputs, sampling), self._replicated)
-        step_buffer = self._stage(layout, step_buffer)
-        self.kv_cache, logits = self._step(self.params, self.kv_cache, step_buffer, self._last_tokens, layout)
+        logits = self._run_step(self._stage(layout, step_buffer), layout)
         prompt = None
         if prompt_logprobs_k is not None:
             last_rows, next_ids = (jax.device_put(r, self._replicated) for r in rows)
             logits, prompt = self._prompt_logprobs(logits, last_rows, next_ids, prompt_logprobs_k)
-        sampled, self._last_tokens = self._sample(logits, sampling_buffer, sampling_layout,
-                                                  self._last_tokens.shape[0])
+        sampled, self._last_tokens = self._sample(logits, sampling_buffer, sampling_layout, layout.num_seqs,
+                                                  self._last_tokens)
         return sampled, prompt
 
     def _stage(self, layout: BatchLayout, fresh: jax.Array) -> jax.Array:
@@ -234,9 +261,10 @@ class ModelRunner:
         still reads the old ones, as the copy runs after it on the device.
         """
         held = self._staged.pop(layout, None)
-        staged = fresh if held is None else self._copy_into(held, fresh)
-        self._staged[layout] = staged
-        return staged
+        if held is None:  # a bucket's first step: through the copy too, which compiles now (when not at start-up)
+            held = jax.device_put(np.zeros(fresh.shape, fresh.dtype), self._replicated)
+        self._staged[layout] = self._copy_into(held, fresh)
+        return self._staged[layout]
 
     def follow(self) -> None:
         """Nodes 1.. of a multi-node run: replay the leader's device operations until it closes."""
@@ -288,9 +316,10 @@ class ModelRunner:
             return
         if self.channel is not None and distributed.is_leader():
             self.channel.send("close")
-        for leaf in jax.tree_util.tree_leaves((self.params, self.kv_cache, list(self._staged.values()))):
+        buffers = (self.params, self.kv_cache, list(self._staged.values()), self._logits, self._last_tokens)
+        for leaf in jax.tree_util.tree_leaves(buffers):
             leaf.delete()
-        self.params = self.kv_cache = None
+        self.params = self.kv_cache = self._logits = self._last_tokens = None
         self._staged = {}
         self._step = self._sample = None
 
