@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_single.sh engine   # latency (+ a baseline from .baseline/), decode profile, T1, T3-500/1000
 #   bash benchmarks/gpu_single.sh online   # HF generate() vs jaxllm on the same requests, start-up, serving
 #   bash benchmarks/gpu_single.sh verify   # a change's check: latency and T3-500 with a baseline, a decode profile
+#   bash benchmarks/gpu_single.sh graph    # XLA's CUDA-graph updates, latency with a baseline, T3-500, profiles
+#   bash benchmarks/gpu_single.sh norm     # kernel correctness, latency with a baseline, a batch-1 profile, T3-500
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
 #   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
 #   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
@@ -80,6 +82,27 @@ reverse)  # verify with the baseline run first (is a difference the code or the 
         step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
             --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
     done
+    ;;
+graph)  # does the step's CUDA graph still get re-recorded? XLA's log of updates, then latency, T3 and profiles
+    TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 step graph-updates 60 \
+        python3 -m benchmarks.profile_decode --batch 1 --context 1024 >/tmp/updates.log 2>&1
+    grep -c "Update command buffer" /tmp/updates.log; grep "Update command buffer" /tmp/updates.log | tail -3
+    grep -c "Execute command buffer" /tmp/updates.log
+    latency_of current 120 1x1024,64x1024,256x1024
+    latency_of baseline 100 1x1024,64x1024,256x1024
+    t3_500_of current 90
+    for b in 1 64 256; do
+        step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
+            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
+    done
+    ;;
+norm)  # the fused add + RMSNorm and the decode merge without a scatter: kernel correctness, latency, profile, T3
+    step kernels-check 150 python3 benchmarks/kernels_check.py --out "$results"
+    latency_of current 110 1x1024,64x1024,256x1024
+    latency_of baseline 100 1x1024,64x1024,256x1024
+    step profile-b1 50 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
+        --output-json "$results/profile_b1.json"
+    t3_500_of current 90
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \

@@ -1,4 +1,5 @@
-"""GPU correctness of the Pallas attention kernels against the jnp reference; run before every kernel timing.
+"""GPU correctness of the Pallas kernels (attention; the fused residual add + RMSNorm) against the jnp reference;
+run before every kernel timing.
 
     PYTHONPATH=. python3 benchmarks/kernels_check.py [--out DIR]
 
@@ -9,6 +10,7 @@ any failure.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import pathlib
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.models.layers import rms_norm
+from pallas_kernels.add_rms_norm import add_rms_norm_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_batch import make_ragged_batch
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
@@ -78,17 +82,43 @@ def run_case(case, seed):
                 rel_err=err, padding_zero=pad_ok, ok=ok)
 
 
+def norm_cases():
+    """(T, D, dtype) for the fused residual add + RMSNorm: batch-1 decode to a full prefill step."""
+    for tokens, hidden in itertools.product([1, 7, 300, 8192], [2048, 4096, 8192]):
+        yield tokens, hidden, "bfloat16"
+    yield 33, 4096, "float32"
+
+
+def run_norm_case(case, seed):
+    """add_rms_norm_triton against the XLA expression the model runs elsewhere, on the same GPU and inputs."""
+    tokens, hidden, dtype = case
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x, h = (jax.random.normal(k, (tokens, hidden), dtype) * 3 for k in keys[:2])
+    weight = (1 + 0.1 * jax.random.normal(keys[2], (hidden,))).astype(dtype)
+    poison_free_memory()
+    total, normed = jax.jit(functools.partial(add_rms_norm_triton, eps=1e-5))(x, h, weight)
+    want_total = x + h
+    want = jax.jit(rms_norm, static_argnums=2)(want_total, weight, 1e-5)
+    got, want = np.asarray(normed.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    sum_exact = bool(np.array_equal(np.asarray(total), np.asarray(want_total)))
+    ok = bool(np.isfinite(got).all()) and sum_exact and err <= TOLERANCE[dtype]
+    return dict(name="add_rms_norm", tokens=tokens, hidden=hidden, dtype=dtype, rel_err=err, sum_exact=sum_exact,
+                normed_equal=float(np.mean(got == want)), ok=ok)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="folder for kernels_check.json")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     results, start = [], time.time()
-    for seed, case in enumerate(cases()):
+    runs = [(run_case, case) for case in cases()] + [(run_norm_case, case) for case in norm_cases()]
+    for seed, (run, case) in enumerate(runs):
         try:
-            row = run_case(case, seed)
+            row = run(case, seed)
         except Exception as e:  # a compile failure is a failed case, reported with the rest
-            row = dict(name=case[0], case=repr(case), ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+            row = dict(name=run.__name__, case=repr(case), ok=False, error=f"{type(e).__name__}: {e}"[:2000])
         results.append(row)
         print(("ok  " if row["ok"] else "FAIL"), {k: v for k, v in row.items() if k != "ok"}, flush=True)
     failed = [r for r in results if not r["ok"]]

@@ -133,7 +133,8 @@ def decode_attention_triton(
 ) -> jax.Array:  # [T, N, H]
     """Each sequence's one token (query_start_loc[s]) attends to its context; padding rows of the output are 0.
 
-    Needs T == S (AttentionMetadata.decode_only): the output has no other rows to fill.
+    Needs T == S (AttentionMetadata.decode_only) with the padding sequences (no token) after the real ones (one
+    token each), as the runner lays a decode step out: sequence s's token is row s.
     """
     _, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
@@ -167,7 +168,7 @@ def decode_attention_triton(
     )(query_start_loc, seq_lens, block_tables, q, k_pages.reshape(flat), v_pages.reshape(flat))
     if num_splits == 1:
         return out
-    return _place_rows(_merge_splits(*out).astype(q.dtype), query_start_loc)
+    return _merge_splits(*out).astype(q.dtype)  # row s is sequence s's
 
 
 def _merge_splits(o, m, l):  # f32[X, S, N, H], f32[X, S, N], f32[X, S, N] -> f32[S, N, H]
@@ -177,11 +178,3 @@ def _merge_splits(o, m, l):  # f32[X, S, N, H], f32[X, S, N], f32[X, S, N] -> f3
     l_all = (weight * l).sum(axis=0)
     # A weighted sum, not an einsum: an f32 dot may run in TF32 on the GPU.
     return (weight[..., None] * o).sum(axis=0) / jnp.maximum(l_all, 1e-30)[..., None]
-
-
-def _place_rows(o_seq, query_start_loc):  # [S, N, H] -> [T, N, H], T == S
-    """Each sequence's row goes to its token; the k-th padding sequence's (a zero row) to the k-th padding token."""
-    start = query_start_loc[:-1]
-    has_token = query_start_loc[1:] > start
-    rows = jnp.where(has_token, start, query_start_loc[-1] + jnp.arange(start.shape[0]) - start)
-    return jnp.zeros_like(o_seq).at[rows].set(o_seq)

@@ -1,4 +1,5 @@
-"""The Pallas attention kernels in the CPU interpreter against the jnp reference, and the entry's contract.
+"""The Pallas kernels (attention; the fused residual add + RMSNorm) in the CPU interpreter against the jnp reference,
+and the entry's contract.
 
 The interpreter starts every output as NaN (test_interpreter_poisons_outputs checks that), so an element a kernel
 forgets to write fails the comparison. Sizes are small and tile sizes smaller than the defaults, so multi-tile
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+from jaxllm.models.layers import add_rms_norm, rms_norm
+from pallas_kernels import add_rms_norm as fused_norm
 from pallas_kernels import attention_tile, backend
+from pallas_kernels.add_rms_norm import add_rms_norm_triton
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.decode_attention import DecodeConfig
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
@@ -55,18 +59,6 @@ def test_ragged_kernel_matches_reference(q_lens, ctx_lens, n, k, h, b, window, c
     _compare(batch, out, ref)
 
 
-def _reorder(batch: RaggedBatch, order: list[int]) -> RaggedBatch:
-    """The same sequences in another order (tokens follow their sequences): puts padding sequences mid-batch."""
-    q_lens = np.diff(np.asarray(batch.query_start_loc))[order]
-    starts = np.asarray(batch.query_start_loc)[:-1][order]
-    token_order = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, q_lens)]).astype(int)
-    token_order = np.concatenate([token_order, np.arange(len(token_order), batch.q.shape[0])])
-    return dataclasses.replace(
-        batch, q=batch.q[token_order], block_tables=batch.block_tables[np.array(order)],
-        seq_lens=batch.seq_lens[np.array(order)],
-        query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32))
-
-
 DECODE_CASES = [
     # ctx_lens, N, K, H, B, window, soft_cap, config
     ([1, 17, 100, 33], 8, 8, 64, 16, None, None, DecodeConfig(block_k=16, num_splits=1)),
@@ -80,7 +72,8 @@ def test_decode_kernel_matches_reference(ctx_lens, n, k, h, b, window, cap, conf
     real = len(ctx_lens)
     batch = make_ragged_batch([1] * real, ctx_lens, num_q_heads=n, num_kv_heads=k, head_dim=h, page_size=b,
                               pad_tokens=2, pad_seqs=2, seed=real + h)
-    batch = _reorder(batch, [0, real, *range(1, real), real + 1])  # a padding sequence second
+    # Padding sequences after the real ones, as the runner lays a decode step out: the split kernel's merged rows
+    # are then in token order with no scatter (a kernel launch per layer saved).
     out, ref = _run(batch, decode_only=True, scale=h ** -0.5, window=window, cap=cap, decode_config=config)
     _compare(batch, out, ref)
 
@@ -162,3 +155,31 @@ def test_chunked_xla_path_matches_reference(q_lens, ctx_lens, n, k, h, b, window
     knobs = dict(scale=h ** -0.5, sliding_window=window, soft_cap=cap)
     ref = ragged_paged_attention(*batch.args, **knobs, backend="reference")
     _compare(batch, ragged_paged_attention(*batch.args, **knobs, backend="xla"), ref)
+
+
+@pytest.mark.parametrize("tokens,hidden,dtype", [(1, 64, jnp.float32), (5, 256, jnp.float32), (37, 128, jnp.bfloat16),
+                                                 (3, 16, jnp.bfloat16)])
+def test_add_rms_norm_kernel_matches_the_expression(tokens, hidden, dtype):
+    rng = np.random.default_rng(tokens * hidden)
+    x, h = (jnp.asarray(rng.normal(0, 3, (tokens, hidden)), dtype) for _ in range(2))
+    weight = jnp.asarray(1 + 0.1 * rng.normal(size=hidden), dtype)
+    total, normed = add_rms_norm_triton(x, h, weight, eps=1e-5, interpret=True)
+    want_total = x + h
+    want = rms_norm(want_total, weight, 1e-5)
+    np.testing.assert_array_equal(np.asarray(total), np.asarray(want_total))
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: one rounding step of the normed value at most
+    np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    assert np.isfinite(np.asarray(normed, np.float32)).all()
+
+
+def test_add_rms_norm_layer_takes_the_expression_where_the_kernel_does_not_fit():
+    assert fused_norm.supports(4096) and fused_norm.supports(16)
+    assert not fused_norm.supports(576) and not fused_norm.supports(8)  # SmolLM2-135M's hidden size: XLA's path
+    rng = np.random.default_rng(0)
+    x, h = (jnp.asarray(rng.normal(size=(3, 576)), jnp.float32) for _ in range(2))
+    weight = jnp.asarray(rng.normal(size=576), jnp.float32)
+    total, normed = add_rms_norm(x, h, weight, 1e-6, backend="triton")  # no GPU needed: the kernel is not called
+    np.testing.assert_array_equal(np.asarray(total), np.asarray(x + h))
+    np.testing.assert_array_equal(np.asarray(normed), np.asarray(rms_norm(x + h, weight, 1e-6)))
+    with pytest.raises(ValueError, match="power-of-2"):
+        add_rms_norm_triton(x, h, weight, eps=1e-6, interpret=True)

@@ -1,5 +1,6 @@
-"""The tensor-parallel wrappers on 4 CPU devices, in a child process: the device count must be set before jax is
-imported, and the rest of the suite has already imported it with one device."""
+"""The tensor-parallel wrappers (attention, KV writes, the fused add + RMSNorm) on 4 CPU devices, in a child
+process: the device count must be set before jax is imported, and the rest of the suite has already imported it
+with one device."""
 
 import os
 import pathlib
@@ -41,6 +42,16 @@ for axis_type in (AxisType.Explicit, AxisType.Auto):
     assert k.sharding.spec[0] == "tp"
     np.testing.assert_array_equal(np.asarray(k), np.asarray(k_ref))
     np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref))
+# The fused residual add + RMSNorm runs on each device's replicated copy of the stream.
+from jaxllm.models.layers import add_rms_norm
+mesh = jax.make_mesh((4,), ("tp",), axis_types=(AxisType.Auto,))
+x, h, w = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate([(5, 64), (5, 64), (64,)]))
+with jax.set_mesh(mesh):
+    total, normed = jax.jit(functools.partial(add_rms_norm, eps=1e-6, backend="triton", mesh=mesh, interpret=True))(
+        *(jax.device_put(a, NamedSharding(mesh, P())) for a in (x, h, w)))
+want_total, want = add_rms_norm(x, h, w, 1e-6, backend="reference")
+np.testing.assert_array_equal(np.asarray(total), np.asarray(want_total))
+np.testing.assert_allclose(np.asarray(normed), np.asarray(want), atol=1e-6, rtol=1e-6)
 mesh3 = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
 batch3 = make_ragged_batch([1], [5], num_q_heads=3, num_kv_heads=3, head_dim=64, page_size=16)
 try:

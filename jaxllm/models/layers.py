@@ -7,12 +7,16 @@ Numerics follow Hugging Face so fp32 logits match to ~1e-6 and bf16 rounds where
 angles are computed in float32, everything else in the params dtype.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels import add_rms_norm as fused_norm
+from pallas_kernels.backend import TRITON, resolve_backend
 
 from jaxllm import sharding
 from jaxllm.model_config import ModelConfig
@@ -24,6 +28,21 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
+
+
+def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, eps: float, *, backend: str = "auto",
+                 mesh: Mesh | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The residual stream's step: (x + h, rms_norm(x + h)); x, h [T, D]. On the Triton backend one kernel
+    (pallas_kernels.add_rms_norm) instead of XLA's three, under tensor parallelism on each device's replicated
+    copy; elsewhere, and for hidden sizes the kernel does not take, the expression itself."""
+    if resolve_backend(backend) != TRITON or not fused_norm.supports(x.shape[-1]):
+        total = x + h
+        return total, rms_norm(total, weight, eps)
+    kernel = functools.partial(fused_norm.add_rms_norm_triton, eps=eps, interpret=interpret)
+    if sharding.tp_size(mesh) == 1:
+        return kernel(x, h, weight)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()),
+                         check_vma=False)(x, h, weight)  # a pallas_call carries no varying-axis annotation
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:  # f32[R]

@@ -33,7 +33,7 @@ from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.attention import attention
 from jaxllm.models.fusion import FusedProjection, fuse_params
-from jaxllm.models.layers import embed, mlp, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxllm.models.layers import add_rms_norm, embed, mlp, rms_norm, rope_cos_sin, rope_inv_freq
 from jaxllm.models.weight_map import WeightRule
 
 _LAYER = "model.layers.{i}."
@@ -119,6 +119,9 @@ class LlamaForCausalLM:
             params["lm_head"] = s(d, c.vocab_size)
         return params
 
+    def _add_norm(self, x: jax.Array, h: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return add_rms_norm(x, h, weight, self.config.rms_norm_eps, backend=self.attention_backend, mesh=self.mesh)
+
     def fuse_params(self, params: dict) -> dict:
         """Checkpoint layout (`param_shapes`, as loaded) -> the fused layout `__call__` runs on. Consumes `params`."""
         return fuse_params(params, self.fused_projections, self.config, self.mesh)
@@ -134,21 +137,25 @@ class LlamaForCausalLM:
         c = self.config
         if kv_cache.num_layers != c.num_layers:
             raise ValueError(f"kv_cache has {kv_cache.num_layers} layers, model has {c.num_layers}")
-        x = embed(params["embed"], token_ids, self.mesh)  # [T, D]
+        x = embed(params["embed"], token_ids, self.mesh)  # [T, D]: the residual stream
         cos, sin = rope_cos_sin(metadata.positions, rope_inv_freq(c), x.dtype)  # [T, R]
+        layers = params["layers"]
+        # Each sublayer's output is added to the stream and the sum normed for the next sublayer (the next layer's
+        # input norm, after the last layer the final norm) in one step: add_rms_norm.
+        next_norms = [p["input_norm"] for p in layers[1:]] + [params["final_norm"]]
+        normed = rms_norm(x, layers[0]["input_norm"], c.rms_norm_eps)
         new_k, new_v = [], []
-        for i, p in enumerate(params["layers"]):
+        for i, (p, next_norm) in enumerate(zip(layers, next_norms)):
             k_pages, v_pages, h = attention(
-                p, kv_cache.k[i], kv_cache.v[i], rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, metadata,
-                config=c, sliding_window=c.layer_sliding_window(i), backend=self.attention_backend,
-                mesh=self.mesh)
-            x = x + h
-            x = x + mlp(p, rms_norm(x, p["post_norm"], c.rms_norm_eps))
+                p, kv_cache.k[i], kv_cache.v[i], normed, cos, sin, metadata, config=c,
+                sliding_window=c.layer_sliding_window(i), backend=self.attention_backend, mesh=self.mesh)
+            x, normed = self._add_norm(x, h, p["post_norm"])
+            x, normed = self._add_norm(x, mlp(p, normed), next_norm)
             new_k.append(k_pages)
             new_v.append(v_pages)
+        x = normed  # final-normed
         if logits_indices is not None:
-            x = x[logits_indices]  # [S, D]: norm and project only the rows that will be sampled
-        x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+            x = x[logits_indices]  # [S, D]: project only the rows that will be sampled
         if c.tie_word_embeddings:
             logits = jnp.einsum("TD,VD->TV", x, params["embed"])
         else:
