@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_single.sh verify   # a change's check: latency and T3-500 with a baseline, a decode profile
 #   bash benchmarks/gpu_single.sh graph    # XLA's CUDA-graph updates, latency with a baseline, T3-500, profiles
 #   bash benchmarks/gpu_single.sh norm     # kernel correctness, latency with a baseline, a batch-1 profile, T3-500
+#   bash benchmarks/gpu_single.sh merge    # kernel correctness, latency (all cases) with a baseline, profile, T3, T1
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
 #   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
 #   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
@@ -103,6 +104,16 @@ norm)  # the fused add + RMSNorm and the decode merge without a scatter: kernel 
     step profile-b1 50 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
         --output-json "$results/profile_b1.json"
     t3_500_of current 90
+    ;;
+merge)  # the split-decode merge as one reduction: kernel correctness, latency with a baseline, profile, T1, T3
+    step kernels-check 150 python3 benchmarks/kernels_check.py --out "$results"
+    latency_of current 110 1x32,1x1024,1x8192,64x1024,256x1024
+    latency_of baseline 80 1x1024,64x1024,256x1024
+    step profile-b1 50 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
+        --output-json "$results/profile_b1.json"
+    t3_500_of current 90
+    step t1 150 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
+        --output-json "$results/t1.json"
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \
