@@ -1,4 +1,4 @@
-"""Pallas GPU kernels for paged attention and the fused residual add + RMSNorm. Depends on jax only, never on jaxllm."""
+"""Pallas GPU kernels: paged attention, the fused residual add + RMSNorm. Depends on jax only, never on jaxllm."""
 
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.decode_attention import DecodeConfig

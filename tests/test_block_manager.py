@@ -59,6 +59,10 @@ def test_prefix_hashes_are_chained_on_the_parent():
     b2 = hash_block(hash_block(None, (9, 9, 9, 9), None), (5, 6, 7, 8), None)
     assert b1 != b2  # same tokens, different parent
     assert hash_block(None, (1, 2, 3, 4), "tenant-a") != a
+    assert hash_block(None, (1, 2, 3, 4), "") not in (a, hash_block(None, (1, 2, 3, 4), "tenant-a"))
+    assert hash_block(None, [1, 2, 3, 4], None) == a  # a list slice of a sequence's ids hashes as the tuple does
+    assert hash_block(None, (1, 2, 3, 4 + (1 << 32)), None) != a  # every id whole, not truncated to 32 bits
+    assert hash_block(a, (5, 6, 7, 8), None) != hash_block(None, (5, 6, 7, 8), None)
 
 
 def test_prefix_reuse_hits_full_computed_blocks_only():

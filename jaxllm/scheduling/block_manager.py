@@ -10,6 +10,7 @@ keeps its contents and its hash until its memory is needed: free blocks without 
 cached ones in least-recently-freed order.
 """
 
+import array
 import collections
 import hashlib
 
@@ -18,10 +19,19 @@ from jaxllm.scheduling.sequence import Sequence, SequenceStatus
 NULL_BLOCK = 0  # == jaxllm.kv_cache.NULL_BLOCK, restated because that module imports jax
 
 
-def hash_block(parent: bytes | None, token_ids: tuple[int, ...], cache_salt: str | None) -> bytes:
+def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], cache_salt: str | None) -> bytes:
     # sha256 rather than hash(): a collision would silently serve another prompt's KV, and hash() collisions can be
-    # forced by a client (vLLM CVE-2025-25183). repr of ints, bytes and str is unambiguous.
-    return hashlib.sha256(repr((parent, token_ids, cache_salt)).encode()).digest()
+    # forced by a client (vLLM CVE-2025-25183). The encoding is unambiguous: a flag byte before the parent digest
+    # (32 bytes) and the salt (length-prefixed), then the ids as 8-byte integers; the ids' bytes rather than their
+    # repr: 64 blocks of a 1024-token prompt hash in 0.19 ms instead of 0.57 ms (2-core CPU).
+    digest = hashlib.sha256(b"\x00" if parent is None else b"\x01" + parent)
+    if cache_salt is None:
+        digest.update(b"\x00")
+    else:
+        salt = cache_salt.encode()
+        digest.update(b"\x01" + len(salt).to_bytes(8, "little") + salt)
+    digest.update(array.array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -96,7 +106,7 @@ class BlockManager:
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]), seq.group.cache_salt))
+            hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.group.cache_salt))
         return hashes[:num_blocks]
 
     def lookup_prefix(self, seq: Sequence, max_blocks: int) -> list[int]:
