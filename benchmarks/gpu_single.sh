@@ -49,16 +49,28 @@ t3_500_of() {  # t3_500_of current|baseline SECONDS: T3, 500 ShareGPT-like reque
         --dataset sharegpt-like --num-prompts 500 --no-roofline --output-json "$results/t3_500$suffix.json"
 }
 
+t1_of() {  # t1_of SECONDS: T1, 1000 random requests of 1024 prompt and 128 output tokens, with its roofline
+    step t1 "$1" python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
+        --output-json "$results/t1.json"
+}
+
+profile_of() {  # profile_of SECONDS BATCH...: a traced steady decode at 1024 tokens of context per batch size
+    local limit=$1 b
+    shift
+    for b in "$@"; do
+        step "profile-b$b" "$limit" python3 -m benchmarks.profile_decode --batch "$b" --context 1024 \
+            --trace-dir "/tmp/traces/b$b" --output-json "$results/profile_b$b.json"
+    done
+}
+
 case $part in
 engine)
     if [ -d .baseline ]; then  # the code before this change, same card, same call
         latency_of baseline 150 1x1024,64x1024
     fi
     step latency 200 python3 -m benchmarks.latency --trace-dir /tmp/traces/ttft --output-json "$results/latency.json"
-    step profile-b1 100 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
-        --output-json "$results/profile_b1.json"
-    step t1 170 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
-        --output-json "$results/t1.json"
+    profile_of 100 1
+    t1_of 170
     for n in 500 1000; do
         step "t3-$n" 90 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts $n \
             --no-roofline --output-json "$results/t3_$n.json"
@@ -71,18 +83,14 @@ verify)  # a change against the code before it, same card, same call: latency, T
     latency_of baseline 100 1x1024,64x1024,256x1024
     t3_500_of current 100
     t3_500_of baseline 100
-    step profile-b256 70 python3 -m benchmarks.profile_decode --batch 256 --context 1024 \
-        --trace-dir /tmp/traces/b256 --output-json "$results/profile_b256.json"
+    profile_of 70 256
     ;;
 reverse)  # verify with the baseline run first (is a difference the code or the order?), then batch-1/256 profiles
     latency_of baseline 100 1x1024,64x1024,256x1024
     latency_of current 100 1x1024,64x1024,256x1024
     t3_500_of baseline 90
     t3_500_of current 90
-    for b in 256 1; do
-        step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
-            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
-    done
+    profile_of 60 256 1
     ;;
 graph)  # does the step's CUDA graph still get re-recorded? XLA's log of updates, then latency, T3 and profiles
     TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 step graph-updates 60 \
@@ -92,34 +100,27 @@ graph)  # does the step's CUDA graph still get re-recorded? XLA's log of updates
     latency_of current 120 1x1024,64x1024,256x1024
     latency_of baseline 100 1x1024,64x1024,256x1024
     t3_500_of current 90
-    for b in 1 64 256; do
-        step "profile-b$b" 60 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
-            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
-    done
+    profile_of 60 1 64 256
     ;;
 norm)  # the fused add + RMSNorm and the decode merge without a scatter: kernel correctness, latency, profile, T3
     step kernels-check 150 python3 benchmarks/kernels_check.py --out "$results"
     latency_of current 110 1x1024,64x1024,256x1024
     latency_of baseline 100 1x1024,64x1024,256x1024
-    step profile-b1 50 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
-        --output-json "$results/profile_b1.json"
+    profile_of 50 1
     t3_500_of current 90
     ;;
 merge)  # the split-decode merge as one reduction: kernel correctness, latency with a baseline, profile, T1, T3
     step kernels-check 150 python3 benchmarks/kernels_check.py --out "$results"
     latency_of current 110 1x32,1x1024,1x8192,64x1024,256x1024
     latency_of baseline 80 1x1024,64x1024,256x1024
-    step profile-b1 50 python3 -m benchmarks.profile_decode --batch 1 --context 1024 --trace-dir /tmp/traces/b1 \
-        --output-json "$results/profile_b1.json"
+    profile_of 50 1
     t3_500_of current 90
-    step t1 150 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
-        --output-json "$results/t1.json"
+    t1_of 150
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \
         --trace-dir /tmp/traces/prefill --output-json "$results/profile_prefill.json"
-    step t1 170 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 1024 --output-len 128 --num-prompts 1000 \
-        --output-json "$results/t1.json"
+    t1_of 170
     step step-options 110 python3 -m benchmarks.step_options --cases 1x1024 --variants engine,skip-profiled \
         --output-json "$results/step_options.json"
     install_wheels || exit 1
@@ -129,10 +130,7 @@ more)  # a traced prefill-heavy step, T1, the step-option variants in one proces
 final)  # the latency table (new and baseline engine, the same benchmark code), decode idle at 1 and 64, HF ratio
     step latency 140 python3 -m benchmarks.latency --output-json "$results/latency.json"
     latency_of baseline 110 1x1024,64x1024,256x1024
-    for b in 1 64; do
-        step "profile-b$b" 50 python3 -m benchmarks.profile_decode --batch $b --context 1024 \
-            --trace-dir /tmp/traces/b$b --output-json "$results/profile_b$b.json"
-    done
+    profile_of 50 1 64
     hf_ratio
     ;;
 t2)  # device memory after each start-up phase, then T2

@@ -199,17 +199,14 @@ class ModelRunner:
     def forward(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
         """The model step alone on packed inputs (no sampling): updates the cache, returns the logits (the first
         `layout.num_logits` rows; any after them are an earlier step's)."""
-        return self._run_step(buffer, layout)
-
-    def _logits_out(self, layout: BatchLayout) -> jax.Array | None:
-        return None if layout.all_logits else self._logits
-
-    def _run_step(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
         self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens,
                                            self._logits_out(layout), layout)
         if not layout.all_logits:
             self._logits = logits
         return logits
+
+    def _logits_out(self, layout: BatchLayout) -> jax.Array | None:
+        return None if layout.all_logits else self._logits
 
     @staticmethod
     def fetch(pending) -> tuple[SamplerOutput, Logprobs | None]:
@@ -243,7 +240,7 @@ class ModelRunner:
         # One device_put of two buffers, so the model step's compiled shape depends on the bucket only. (Slicing one
         # buffer on the device instead cost a dispatch of its own, 0.3-0.4 ms of host time per step on an H200.)
         step_buffer, sampling_buffer = jax.device_put((step_inputs, sampling), self._replicated)
-        logits = self._run_step(self._stage(layout, step_buffer), layout)
+        logits = self.forward(self._stage(layout, step_buffer), layout)
         prompt = None
         if prompt_logprobs_k is not None:
             last_rows, next_ids = (jax.device_put(r, self._replicated) for r in rows)
