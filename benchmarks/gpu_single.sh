@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_single.sh graph    # XLA's CUDA-graph updates, latency with a baseline, T3-500, profiles
 #   bash benchmarks/gpu_single.sh norm     # kernel correctness, latency with a baseline, a batch-1 profile, T3-500
 #   bash benchmarks/gpu_single.sh merge    # kernel correctness, latency (all cases) with a baseline, profile, T3, T1
+#   bash benchmarks/gpu_single.sh rotary   # new kernels' checks, latency with a baseline, profile, TTFT trace, T3
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
 #   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
 #   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
@@ -116,6 +117,15 @@ merge)  # the split-decode merge as one reduction: kernel correctness, latency w
     profile_of 50 1
     t3_500_of current 90
     t1_of 150
+    ;;
+rotary)  # rotary + KV write and the split merge as kernels, the TTFT host path
+    step kernels-check 80 python3 benchmarks/kernels_check.py --kernels rotary_write_kv,decode --out "$results"
+    latency_of current 110 1x1024,64x1024,256x1024
+    latency_of baseline 100 1x1024,64x1024,256x1024
+    profile_of 50 1
+    step ttft-trace 60 python3 -m benchmarks.latency --cases 1x1024 --decode-steps 4 --ttft-repeats 1 \
+        --trace-dir /tmp/traces/ttft --output-json "$results/latency_traced.json"
+    t3_500_of current 90
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \

@@ -1,7 +1,7 @@
-"""GPU correctness of the Pallas kernels (attention; the fused residual add + RMSNorm) against the jnp reference;
-run before every kernel timing.
+"""GPU correctness of the Pallas kernels (ragged and decode attention with its merge; rotary + KV write; the fused
+residual add + RMSNorm) against the jnp reference; run before every kernel timing.
 
-    PYTHONPATH=. python3 benchmarks/kernels_check.py [--out DIR]
+    PYTHONPATH=. python3 benchmarks/kernels_check.py [--out DIR] [--kernels ragged,decode,rotary_write_kv,add_rms_norm]
 
 Each case draws fresh random data, fills freed device memory with NaN first (so an output element the kernel
 forgets to write most likely reads NaN), runs the kernel and the reference in float32 on the same inputs, and
@@ -26,6 +26,7 @@ from pallas_kernels.add_rms_norm import add_rms_norm_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_batch import make_ragged_batch
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.rotary_kv import rotary_write_kv
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 
@@ -107,13 +108,63 @@ def run_norm_case(case, seed):
                 normed_equal=float(np.mean(got == want)), ok=ok)
 
 
+def rotary_cases():
+    """(T, N, K, H, dtype) for rotary + KV write: Llama-3.1-8B's heads from batch-1 decode to a full prefill step,
+    70B's and 70B's per device at tensor parallelism 4, and head counts that are not powers of 2."""
+    for tokens in [1, 7, 300, 8192]:
+        yield tokens, 32, 8, 128, "bfloat16"
+    for n, k, h in [(64, 8, 128), (16, 2, 128), (9, 3, 64), (14, 2, 64)]:
+        yield 65, n, k, h, "bfloat16"
+    yield 33, 32, 8, 128, "float32"
+
+
+def run_rotary_case(case, seed):
+    """rotary_write_kv's kernel against its jnp expression on the same GPU and inputs: the rotated q, the pages
+    (each real token's slot; every other slot must keep its value) outside the null block, where padding writes."""
+    tokens, n, k, h, dtype = case
+    page_size, padding = 16, 2
+    pages = tokens // page_size + 8
+    keys = jax.random.split(jax.random.key(seed), 5)
+    qkv = jax.random.normal(keys[0], (tokens + padding, (n + 2 * k) * h), dtype)
+    angles = jax.random.uniform(keys[1], (tokens + padding, h // 2), maxval=1000.0)
+    cos, sin = jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    k_pages, v_pages = (jax.random.normal(key, (k, pages, page_size, h), dtype) for key in keys[2:4])
+    slots = jnp.concatenate([jax.random.permutation(keys[4], jnp.arange(page_size, pages * page_size))[:tokens],
+                             jnp.zeros(padding, jnp.int32)]).astype(jnp.int32)
+    args = (qkv, cos, sin, k_pages, v_pages, slots)
+    poison_free_memory()
+    got = jax.jit(functools.partial(rotary_write_kv, num_q_heads=n, backend="triton"))(*args)
+    want = jax.jit(functools.partial(rotary_write_kv, num_q_heads=n, backend="reference"))(*args)
+    got, want = ([np.asarray(a.astype(jnp.float32)) for a in out] for out in (got, want))
+    got[1:], want[1:] = [a[:, 1:] for a in got[1:]], [a[:, 1:] for a in want[1:]]
+    errs = [float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(got, want)]
+    v_exact = bool(np.array_equal(got[2], want[2]))
+    ok = all(np.isfinite(a).all() for a in got) and v_exact and max(errs) <= TOLERANCE[dtype]
+    return dict(name="rotary_write_kv", tokens=tokens, heads=f"{n}/{k}", head_dim=h, dtype=dtype, rel_err=max(errs),
+                v_exact=v_exact, q_equal=float(np.mean(got[0] == want[0])), ok=ok)
+
+
+def decode_cases():
+    return (case for case in cases() if case[10])
+
+
+def ragged_cases():
+    return (case for case in cases() if not case[10])
+
+
+KERNELS = {"ragged": (run_case, ragged_cases), "decode": (run_case, decode_cases),
+           "rotary_write_kv": (run_rotary_case, rotary_cases),
+           "add_rms_norm": (run_norm_case, norm_cases)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="folder for kernels_check.json")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"which to check, of {','.join(KERNELS)}")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     results, start = [], time.time()
-    runs = [(run_case, case) for case in cases()] + [(run_norm_case, case) for case in norm_cases()]
+    runs = [(KERNELS[name][0], case) for name in args.kernels.split(",") for case in KERNELS[name][1]()]
     for seed, (run, case) in enumerate(runs):
         try:
             row = run(case, seed)

@@ -55,40 +55,43 @@ def kv_slots(bt_ref, seq, pos: jax.Array, *, page_size: int) -> jax.Array:
     return pages * page_size + lax.rem(pos, page_size)
 
 
-def _indexer(leading: tuple, head_dim: int, *, clamp_columns: bool):
-    """All-integer indexer (scalars and i32[R] rows, then the columns) and the column mask, or None.
+def _indexer(leading: tuple, width: int, first_column: int, *, clamp_columns: bool):
+    """All-integer indexer (scalars and i32[R] rows, then columns first_column .. first_column + width) and the
+    column mask, or None.
 
     Integer indexers on every axis are the one form that both the Triton lowering and the CPU interpreter take
-    with a mask. Triton tiles are powers of 2, so other head dims are widened with masked columns: clamped for
+    with a mask. Triton tiles are powers of 2, so other widths are widened with masked columns: clamped for
     loads (addresses stay inside the row), left out of range for stores (the interpreter's scatter drops them,
     where clamped ones would collide with the last real column).
     """
-    padded = pl.next_power_of_2(head_dim)
+    padded = pl.next_power_of_2(width)
     col = jnp.arange(padded, dtype=jnp.int32)
     col_mask = None
-    if padded != head_dim:
-        col_mask = (col < head_dim)[None, :]
+    if padded != width:
+        col_mask = (col < width)[None, :]
         if clamp_columns:
-            col = jnp.minimum(col, head_dim - 1)
+            col = jnp.minimum(col, width - 1)
     rows = tuple(x[:, None] if jnp.ndim(x) else x for x in leading)
-    return (*rows, col[None, :]), col_mask
+    return (*rows, first_column + col[None, :]), col_mask
 
 
-def gather_rows(ref, leading: tuple, head_dim: int) -> jax.Array:
-    """ref[*leading, :H] as [R, Hp]; the columns past H (if any) are 0 so they add nothing to q.k or p.v."""
-    idx, col_mask = _indexer(leading, head_dim, clamp_columns=True)
+def gather_rows(ref, leading: tuple, width: int, first_column: int = 0) -> jax.Array:
+    """ref[*leading, first_column:first_column + width] as [R, Wp]; the columns past width (if any) are 0, so
+    they add nothing to q.k or p.v."""
+    idx, col_mask = _indexer(leading, width, first_column, clamp_columns=True)
     if col_mask is None:
         return ref[idx]
     return plgpu.load(ref.at[idx], mask=col_mask, other=0)
 
 
-def scatter_rows(ref, leading: tuple, value: jax.Array, row_ok: jax.Array, head_dim: int) -> None:
-    """Store value [R, Hp] to ref[*leading, :H] where row_ok.
+def scatter_rows(ref, leading: tuple, value: jax.Array, row_ok: jax.Array, width: int, first_column: int = 0) -> None:
+    """Store value [R, Wp] to ref[*leading, first_column:first_column + width] where row_ok.
 
     The CPU interpreter stores by read-modify-write scatter, so two rows of one store must never share an address:
-    callers pass unclamped indices (out-of-range ones are dropped there, masked on the GPU).
+    callers pass unclamped indices (out-of-range ones are dropped there, masked on the GPU). Masked columns inside
+    the row (a first half's padding) are written back unchanged there.
     """
-    idx, col_mask = _indexer(leading, head_dim, clamp_columns=False)
+    idx, col_mask = _indexer(leading, width, first_column, clamp_columns=False)
     mask = row_ok[:, None] if col_mask is None else row_ok[:, None] & col_mask
     plgpu.store(ref.at[idx], value.astype(ref.dtype), mask=mask)
 

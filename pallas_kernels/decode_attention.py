@@ -6,7 +6,7 @@ H head_dim, P pages, B tokens per page, M pages per sequence, C context position
 The grid is (S, K, X): a program reads one kv-head's context of one sequence once for all its G q-heads (GQA),
 and a sequence's context is cut into X even parts (Dao et al., "Flash-Decoding", 2023) so that a batch of 1 at
 32k context still puts hundreds of programs on the GPU. Each split leaves an unnormalised partial output with
-its max and sum; a small XLA epilogue merges them. With X = 1 the kernel normalises and writes the output itself.
+its max and sum; a second small kernel merges them. With X = 1 the kernel normalises and writes the output itself.
 """
 
 import dataclasses
@@ -168,21 +168,33 @@ def decode_attention_triton(
     )(query_start_loc, seq_lens, block_tables, q, k_pages.reshape(flat), v_pages.reshape(flat))
     if num_splits == 1:
         return out
-    return _merge_splits(*out).astype(q.dtype)  # row s is sequence s's
+    return _merge_splits(*out, dtype=q.dtype, interpret=interpret)  # row s is sequence s's
 
 
-def _merge_splits(o, m, l):  # f32[X, S, N, H], f32[X, S, N], f32[X, S, N] -> f32[S, N, H]
-    """Merge the X partial softmaxes of each (sequence, head) in one variadic reduction over X, carrying (max, sum,
-    output) as the kernel's tiles do (XLA:GPU emits it as one reduction where a max, the weights and two weighted
-    sums took four kernels: each launch is ~1.3 us of a ~6 us batch-1 layer's attention, RESULTS.md)."""
+def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int, head_dim: int):
+    """Program (s, n): the X partial softmaxes of sequence s's q-head n -> its output row, in the output dtype."""
+    # o_ref f32[X, S, N, H]; m_ref, l_ref f32[X, S, N] (base 2, unnormalised); out_ref [S, N, H]
+    seq, head = pl.program_id(0), pl.program_id(1)
+    split = jnp.arange(pl.next_power_of_2(num_splits), dtype=jnp.int32)
+    real = split < num_splits
+    split = jnp.minimum(split, num_splits - 1)
+    m = jnp.where(real, m_ref[split, seq, head], jnp.finfo(jnp.float32).min)  # [Xp]
+    weight = jnp.where(real, jnp.exp2(m - m.max()), 0.0)
+    total = jnp.sum(jnp.where(real, l_ref[split, seq, head], 0.0) * weight)
+    o = tile.gather_rows(o_ref, (split, seq, head), head_dim)  # [Xp, Hp]
+    out = jnp.sum(o * weight[:, None], axis=0) / jnp.maximum(total, 1e-30)  # a padding sequence: 0 / tiny = 0
+    tile.scatter_rows(out_ref, (seq, head), out[None, :], jnp.ones((1,), jnp.bool_), head_dim)
 
-    def combine(a, b):  # two partials, each (m, l, o) scaled to its own max (base 2: attention_tile.TileMath)
-        top = jnp.maximum(a[0], b[0])
-        wa, wb = jnp.exp2(a[0] - top), jnp.exp2(b[0] - top)
-        return top, a[1] * wa + b[1] * wb, a[2] * wa + b[2] * wb
 
-    spread = functools.partial(jnp.broadcast_to, shape=o.shape)
-    empty = (jnp.finfo(jnp.float32).min, 0.0, 0.0)  # the kernel's initial carry: its weight against any max is 0
-    _, l_all, o_all = jax.lax.reduce((spread(m[..., None]), spread(l[..., None]), o),
-                                     tuple(jnp.float32(v) for v in empty), combine, (0,))
-    return o_all / jnp.maximum(l_all, 1e-30)
+def _merge_splits(o, m, l, *, dtype, interpret: bool):  # f32[X, S, N, H], f32[X, S, N] x 2 -> [S, N, H]
+    """Merge each (sequence, head)'s X partial softmaxes in one small kernel that also writes the output dtype
+    (XLA took two kernels, a reduction over X and a convert, ~4.6 us of a ~6 us batch-1 layer's attention)."""
+    num_splits, num_seqs, num_q_heads, head_dim = o.shape
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, num_splits=num_splits, head_dim=head_dim),
+        grid=(num_seqs, num_q_heads),
+        out_shape=jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=2),
+        interpret=interpret,
+        name="merge_decode_splits",
+    )(o, m, l)

@@ -1,8 +1,10 @@
-"""The paged-attention entries under tensor parallelism: each device of the mesh's "tp" axis runs the unsharded
-entry on its own slice of heads. Attention never mixes heads, so no collective is needed.
+"""The paged-attention entries (rotary + KV write, attention) under tensor parallelism: each device of the mesh's
+"tp" axis runs the unsharded entry on its own slice of heads. Attention never mixes heads, so no collective is
+needed.
 
 Legend: T tokens, S sequences, N q-heads, K kv-heads, H head_dim, P pages, B tokens per page, M pages per sequence.
-Layouts: q [T, N, H] and the output split over N; pages [K, P, B, H] and new k/v [T, K, H] split over K; the
+Layouts: q [T, N, H] and the output split over N; pages [K, P, B, H] split over K; the fused q/k/v projection
+[T, S, W] split over its S blocks (one per device: its q-heads, then its kv-heads' k and v); cos/sin and the
 metadata (block tables, lengths, query starts, slots) replicated. The q-heads of kv-head k are k*G .. k*G + G - 1,
 so splitting N and K into the same number of contiguous parts keeps every group on the device of its kv-head.
 The arrays must already carry these shardings (jax.device_put with a NamedSharding of the mesh, or the outputs of
@@ -15,7 +17,8 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.rotary_kv import rotary_write_kv
 
 
 def _check_heads(mesh: Mesh, axis: str, num_kv_heads: int) -> None:
@@ -48,18 +51,32 @@ def ragged_paged_attention_sharded(
     )(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc)
 
 
-def write_kv_sharded(
+def rotary_write_kv_sharded(
+    qkv: jax.Array,  # [T, S, W], S (one fused q/k/v block per device) split over axis
+    cos: jax.Array,  # [T, R]
+    sin: jax.Array,  # [T, R]
     k_pages: jax.Array,  # [K, P, B, H], K split over axis
     v_pages: jax.Array,  # [K, P, B, H], K split over axis
-    k: jax.Array,  # [T, K, H], K split over axis
-    v: jax.Array,  # [T, K, H], K split over axis
     slot_mapping: jax.Array,  # i32[T]
     *,
+    num_q_heads: int,
     mesh: Mesh,
     axis: str = "tp",
-) -> tuple[jax.Array, jax.Array]:
-    """write_kv with the kv heads split over mesh axis `axis`; in place when the caller donates the pages."""
+    **knobs,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # q [T, N, H] with N split over axis, k_pages', v_pages'
+    """rotary_write_kv (same keyword knobs) on each device's block of the fused projection: its q-heads and the
+    kv-heads of its cache slots. In place when the caller donates the pages."""
     _check_heads(mesh, axis, k_pages.shape[0])
-    pages, new = P(axis, None, None, None), P(None, axis, None)
-    return jax.shard_map(write_kv, mesh=mesh, in_specs=(pages, pages, new, new, P()), out_specs=(pages, pages))(
-        k_pages, v_pages, k, v, slot_mapping)
+    shards = mesh.shape[axis]
+    if qkv.shape[1] != shards:
+        raise ValueError(f"qkv has {qkv.shape[1]} fused blocks; the {axis!r} axis has {shards} devices")
+
+    def local(qkv, cos, sin, k_pages, v_pages, slot_mapping):
+        return rotary_write_kv(qkv.reshape(qkv.shape[0], -1), cos, sin, k_pages, v_pages, slot_mapping,
+                               num_q_heads=num_q_heads // shards, **knobs)
+
+    heads, pages, replicated = P(None, axis, None), P(axis, None, None, None), P()
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(heads, replicated, replicated, pages, pages, replicated),
+        out_specs=(heads, pages, pages), check_vma=False,  # a pallas_call carries no varying-axis annotation
+    )(qkv, cos, sin, k_pages, v_pages, slot_mapping)

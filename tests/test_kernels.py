@@ -1,5 +1,5 @@
-"""The Pallas kernels (attention; the fused residual add + RMSNorm) in the CPU interpreter against the jnp reference,
-and the entry's contract.
+"""The Pallas kernels (attention; rotary + KV write; the fused residual add + RMSNorm) in the CPU interpreter against
+the jnp reference, and the entry's contract.
 
 The interpreter starts every output as NaN (test_interpreter_poisons_outputs checks that), so an element a kernel
 forgets to write fails the comparison. Sizes are small and tile sizes smaller than the defaults, so multi-tile
@@ -23,6 +23,7 @@ from pallas_kernels.decode_attention import DecodeConfig
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_batch import RaggedBatch, make_ragged_batch
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from pallas_kernels.rotary_kv import rotary_write_kv
 
 
 def _compare(batch: RaggedBatch, out: jax.Array, ref: jax.Array, tol: float = 2e-5) -> None:
@@ -145,6 +146,35 @@ def test_write_kv_writes_only_its_slots():
     untouched = np.setdiff1d(np.arange(flat_k.shape[1]), np.asarray(slots))
     old = np.asarray(batch.k_pages).reshape(2, -1, 64)
     np.testing.assert_array_equal(flat_k[:, untouched], old[:, untouched])
+
+
+@pytest.mark.parametrize("tokens,n,k,h,dtype", [
+    (5, 8, 2, 64, jnp.float32),
+    (4, 9, 3, 80, jnp.float32),  # head counts and half widths that are not powers of 2: masked rows and columns
+    (6, 32, 8, 128, jnp.bfloat16),  # Llama-3.1-8B's heads
+])
+def test_rotary_write_kv_kernel_matches_the_expression(tokens, n, k, h, dtype):
+    rng = np.random.default_rng(tokens * h)
+    pages, page_size, padding = 5, 4, 2
+    qkv = jnp.asarray(rng.normal(size=(tokens + padding, (n + 2 * k) * h)), dtype)
+    angles = rng.uniform(0, 100, (tokens + padding, h // 2))
+    cos, sin = jnp.asarray(np.cos(angles), dtype), jnp.asarray(np.sin(angles), dtype)
+    k_pages, v_pages = (jnp.asarray(rng.normal(size=(k, pages, page_size, h)), dtype) for _ in range(2))
+    # Real tokens in any order over pages 1..; the padding tokens all write slot 0, in the null block.
+    slots = np.concatenate([rng.permutation(np.arange(page_size, pages * page_size))[:tokens], [0] * padding])
+    args = (qkv, cos, sin, k_pages, v_pages, jnp.asarray(slots, jnp.int32))
+    want = rotary_write_kv(*args, num_q_heads=n, backend="reference")
+    got = rotary_write_kv(*args, num_q_heads=n, backend="triton", interpret=True)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2  # bf16: one rounding of the rotated value apart at most
+    q, want_q = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+    assert np.isfinite(q).all(), "a q element is unwritten"
+    np.testing.assert_allclose(q, want_q, rtol=tol, atol=tol)
+    for pages_got, pages_want in zip(got[1:], want[1:]):  # block 0 aside: the padding's writes race there
+        np.testing.assert_allclose(np.asarray(pages_got, np.float32)[:, 1:], np.asarray(pages_want, np.float32)[:, 1:],
+                                   rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(got[2])[:, 1:], np.asarray(want[2])[:, 1:])  # v is copied, not computed
+    with pytest.raises(ValueError, match="q-heads"):
+        rotary_write_kv(qkv[:, :-2], *args[1:], num_q_heads=n, backend="reference")
 
 
 @pytest.mark.parametrize("q_lens,ctx_lens,n,k,h,b,window,cap,config", RAGGED_CASES)

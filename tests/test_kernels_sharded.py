@@ -1,4 +1,4 @@
-"""The tensor-parallel wrappers (attention, KV writes, the fused add + RMSNorm) on 4 CPU devices, in a child
+"""The tensor-parallel wrappers (attention, rotary + KV writes, the fused add + RMSNorm) on 4 CPU devices, in a child
 process: the device count must be set before jax is imported, and the rest of the suite has already imported it
 with one device."""
 
@@ -12,16 +12,22 @@ import functools
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from pallas_kernels.ragged_batch import make_ragged_batch
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
-from pallas_kernels.sharded import ragged_paged_attention_sharded, write_kv_sharded
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.rotary_kv import rotary_write_kv
+from pallas_kernels.sharded import ragged_paged_attention_sharded, rotary_write_kv_sharded
 
 assert jax.device_count() == 4
 batch = make_ragged_batch([3, 17, 1], [20, 40, 7], num_q_heads=16, num_kv_heads=4, head_dim=64, page_size=16,
                           pad_tokens=2, pad_seqs=1)
 ref = np.asarray(ragged_paged_attention(*batch.args, scale=0.125, sliding_window=16, backend="reference"))
-new_k = jax.random.normal(jax.random.key(1), (3, 4, 64))
+# One fused q/k/v block per device (its 4 q-heads, its kv-head's k and v), as fuse_params lays them out.
+qkv = jax.random.normal(jax.random.key(1), (3, 4, 6 * 64))
+cos, sin = jnp.cos(jnp.arange(96.0).reshape(3, 32)), jnp.sin(jnp.arange(96.0).reshape(3, 32))
 slots = jnp.array([5, 17, 40], jnp.int32)
-k_ref, v_ref = write_kv(batch.k_pages, batch.v_pages, new_k, 2 * new_k, slots)
+heads = qkv.reshape(3, 4, 6, 64)
+unfused = jnp.concatenate([heads[:, :, :4].reshape(3, 16 * 64), heads[:, :, 4].reshape(3, 4 * 64),
+                           heads[:, :, 5].reshape(3, 4 * 64)], axis=1)  # all q heads, all k heads, all v heads
+q_ref, k_ref, v_ref = rotary_write_kv(unfused, cos, sin, batch.k_pages, batch.v_pages, slots, num_q_heads=16)
 for axis_type in (AxisType.Explicit, AxisType.Auto):
     mesh = jax.make_mesh((4,), ("tp",), axis_types=(axis_type,))
     put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
@@ -37,11 +43,14 @@ for axis_type in (AxisType.Explicit, AxisType.Auto):
             out = attend(*args)
             assert out.sharding.spec == P(None, "tp", None), out.sharding
             np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
-        k, v = jax.jit(functools.partial(write_kv_sharded, mesh=mesh))(
-            args[1], args[2], put(new_k, None, "tp"), put(2 * new_k, None, "tp"), put(slots))
-    assert k.sharding.spec[0] == "tp"
-    np.testing.assert_array_equal(np.asarray(k), np.asarray(k_ref))
-    np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref))
+        for backend, interpret in backends:
+            q, k, v = jax.jit(functools.partial(rotary_write_kv_sharded, num_q_heads=16, mesh=mesh, backend=backend,
+                                                interpret=interpret))(
+                put(qkv, None, "tp", None), put(cos), put(sin), args[1], args[2], put(slots))
+            assert q.sharding.spec == P(None, "tp", None) and k.sharding.spec[0] == "tp", (q.sharding, k.sharding)
+            np.testing.assert_allclose(np.asarray(q), np.asarray(q_ref), atol=1e-6, rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(k), np.asarray(k_ref), atol=1e-6, rtol=1e-6)
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref))
 # The fused residual add + RMSNorm runs on each device's replicated copy of the stream.
 from jaxllm.models.layers import add_rms_norm
 mesh = jax.make_mesh((4,), ("tp",), axis_types=(AxisType.Auto,))

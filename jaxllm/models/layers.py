@@ -72,14 +72,6 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [T, N, H]; cos, sin [T, R]. HF's rotate_half convention: dims i and i + R form a pair (not interleaved)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # [T, N, R] each
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 def embed(table: jax.Array, token_ids: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     """table [V, D] rows at token_ids [T] -> [T, D].
 
