@@ -129,10 +129,10 @@ class LLMEngine:
         else:
             raise ValueError(f"prompt must be text, token ids or a dict with prompt_token_ids; got "
                              f"{type(prompt).__name__}")
-        params = validate_request(ids, params, max_model_len=self.max_model_len,
-                                  vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
-        return ProcessedRequest(request_id, text, [int(t) for t in ids], params,
-                                time.time() if arrival_time is None else arrival_time, cache_salt)
+        ids, params = validate_request(ids, params, max_model_len=self.max_model_len,
+                                       vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
+        return ProcessedRequest(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time,
+                                cache_salt)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **kwargs) -> None:
         self.add_processed_request(self.process_request(request_id, prompt, params, **kwargs))
@@ -224,9 +224,10 @@ class LLMEngine:
     def _dispatch(self, batch: SchedulerOutput, previous: SchedulerOutput | None):
         rows = {id(s.seq): i for i, s in enumerate(previous.scheduled)} if previous else {}
         # A run-ahead placeholder (-1, the last token of a sequence that sampled in `previous`) becomes a reference
-        # to that sequence's row of the previous step's device-side result.
-        work = [SeqWork([feed(rows[id(s.seq)]) if t < 0 else t for t in s.token_ids], s.start_pos, s.block_table)
-                for s in batch.scheduled]
+        # to that sequence's row of the previous step's device-side result; without a previous step there is none,
+        # and a prompt's ids are not walked one by one (~0.05 ms for 1024 tokens).
+        work = [SeqWork([feed(rows[id(s.seq)]) if t < 0 else t for t in s.token_ids] if rows else s.token_ids,
+                        s.start_pos, s.block_table) for s in batch.scheduled]
         sampling = [self._sampling_row(s) for s in batch.scheduled]
         wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if _needs_prompt_logprobs(s)]
         if not wanted:

@@ -23,8 +23,8 @@ def validate_prompt_token_ids(prompt_token_ids, *, vocab_size: int) -> list[int]
     if not ids:
         raise ValueError("The prompt is empty: prompt_token_ids must contain at least one token.")
     # Plain ints (the usual case) are checked by type alone: an isinstance against numbers.Integral per token cost
-    # ~2 ms of a 1024-token prompt's time to first token.
-    if not all(type(t) is int for t in ids):
+    # ~2 ms of a 1024-token prompt's time to first token, and all() over a generator ~0.07 ms where this takes 0.05.
+    if set(map(type, ids)) != {int}:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, numbers.Integral):
                 raise ValueError(f"prompt_token_ids must contain only integers, got {t!r}.")
@@ -44,8 +44,9 @@ def _check_ids_in_vocab(name: str, ids, vocab_size: int) -> None:
 
 def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len: int, vocab_size: int,
                      max_logprobs: int = 20, max_n: int = 16, max_stop_strings: int = 16,
-                     max_stop_string_len: int = 256) -> SamplingParams:
-    """Check one request; return a copy of `params` with max_tokens resolved (None -> max_model_len - prompt).
+                     max_stop_string_len: int = 256) -> tuple[list[int], SamplingParams]:
+    """Check one request; return its prompt as a list of plain ints (the one conversion of the ids a request gets)
+    and a copy of `params` with max_tokens resolved (None -> max_model_len - prompt).
 
     Raises ValueError (ContextLengthExceededError for length problems). Cheap whatever the request claims: n=10**6
     or a 4 MiB stop list is refused before anything is allocated for it.
@@ -84,5 +85,5 @@ def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len:
     if params.min_tokens > max_tokens:
         raise ValueError(f"min_tokens must be at most max_tokens ({max_tokens}), got {params.min_tokens}.")
     if max_tokens == params.max_tokens:
-        return params.clone()
-    return dataclasses.replace(params, max_tokens=max_tokens)
+        return ids, params.clone()
+    return ids, dataclasses.replace(params, max_tokens=max_tokens)

@@ -3,7 +3,7 @@
 import pytest
 
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.scheduling.block_manager import NULL_BLOCK, BlockManager, hash_block
+from jaxllm.scheduling.block_manager import NULL_BLOCK, BlockManager, hash_block, hash_blocks
 from jaxllm.scheduling.sequence import SequenceGroup, SequenceStatus
 
 BS = 4
@@ -63,6 +63,10 @@ def test_prefix_hashes_are_chained_on_the_parent():
     assert hash_block(None, [1, 2, 3, 4], None) == a  # a list slice of a sequence's ids hashes as the tuple does
     assert hash_block(None, (1, 2, 3, 4 + (1 << 32)), None) != a  # every id whole, not truncated to 32 bits
     assert hash_block(a, (5, 6, 7, 8), None) != hash_block(None, (5, 6, 7, 8), None)
+    # Several blocks at once chain as one at a time; a partial last block is left out.
+    assert hash_blocks(None, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4, "s") == [
+        h := hash_block(None, (1, 2, 3, 4), "s"), hash_block(h, (5, 6, 7, 8), "s")]
+    assert hash_blocks(a, [5, 6, 7, 8], 4, None) == [b1]
 
 
 def test_prefix_reuse_hits_full_computed_blocks_only():

