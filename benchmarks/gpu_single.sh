@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_single.sh norm     # kernel correctness, latency with a baseline, a batch-1 profile, T3-500
 #   bash benchmarks/gpu_single.sh merge    # kernel correctness, latency (all cases) with a baseline, profile, T3, T1
 #   bash benchmarks/gpu_single.sh rotary   # new kernels' checks, latency with a baseline, profile, TTFT trace, T3
+#   bash benchmarks/gpu_single.sh table    # a TTFT trace, a batch-256 profile, the HF ratio, start-up
+#   bash benchmarks/gpu_single.sh serving  # start-up cold and warm, the serving table, then T1
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
 #   bash benchmarks/gpu_single.sh t2       # device memory per start-up phase; T2: random 1024/1024 and 128/2048 x 1000
 #   bash benchmarks/gpu_single.sh final    # latency (new and baseline engine), decode profiles, the HF ratio
@@ -32,7 +34,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 hf_ratio() {  # HF generate() and jaxllm on the same 32 ShareGPT-like requests, one after the other
     step hf-sharegpt 100 python3 -m benchmarks.hf_baseline --dataset sharegpt-like --num-prompts 32 --batch-size 32 \
         --max-duration-s 80 --output-json "$results/hf_sharegpt.json"
-    step ours-sharegpt 60 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
+    step ours-sharegpt 100 python3 -m benchmarks.throughput "${dummy[@]}" --dataset sharegpt-like --num-prompts 32 \
         --no-roofline --output-json "$results/ours_sharegpt.json"
 }
 
@@ -126,6 +128,32 @@ rotary)  # rotary + KV write and the split merge as kernels, the TTFT host path
     step ttft-trace 60 python3 -m benchmarks.latency --cases 1x1024 --decode-steps 4 --ttft-repeats 1 \
         --trace-dir /tmp/traces/ttft --output-json "$results/latency_traced.json"
     t3_500_of current 90
+    ;;
+table)  # rows not re-run since earlier sessions, and a TTFT trace to split host from GPU time
+    step ttft-trace 70 python3 -m benchmarks.latency --cases 1x1024 --decode-steps 8 --trace-dir /tmp/traces/ttft \
+        --output-json "$results/latency_traced.json"
+    profile_of 60 256
+    hf_ratio
+    install_wheels || exit 1
+    PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
+        --dtype bfloat16 --output-json "$results/startup.json"
+    ;;
+serving)  # start-up, streaming clients against the real server (Poisson rates and fixed concurrencies), then T1
+    install_wheels || exit 1
+    PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
+        --dtype bfloat16 --output-json "$results/startup.json"
+    PYTHONPATH=.:/tmp/site step serving 260 python3 -m benchmarks.serving --model "$model" --load-format dummy \
+        --input-len 1024 --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 \
+        --max-duration-s 15 --output-json "$results/serving.json"
+    cp /tmp/jaxllm-server-*.log "$results/"  # the server's own account, should a setting fail
+    t1_of 170
+    ;;
+serving-only)  # the serving table alone, with the server's log
+    install_wheels || exit 1
+    PYTHONPATH=.:/tmp/site step serving 300 python3 -m benchmarks.serving --model "$model" --load-format dummy \
+        --input-len 1024 --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 \
+        --max-duration-s 15 --output-json "$results/serving.json"
+    cp /tmp/jaxllm-server-*.log "$results/"
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \

@@ -67,7 +67,7 @@ def _norm_qk(qkv: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
 def _attend_sharded(qkv, cos, sin, k_pages, v_pages, metadata: AttentionMetadata, mesh: Mesh, num_q_heads: int,
                     knobs: dict):
     """Rotary + KV write, then ragged attention, with heads split over the mesh's "tp" axis; no collective inside."""
-    tokens, shards, width = qkv.shape
+    _, shards, width = qkv.shape
     head_slots = (shards * width // k_pages.shape[3] - num_q_heads) // 2
     if k_pages.shape[0] != head_slots:
         raise ValueError(f"the KV cache has {k_pages.shape[0]} head slots; the params were fused for "
