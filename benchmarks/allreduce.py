@@ -12,7 +12,7 @@ sums different data on each device and depends on the last (the compiled program
 pass is included in the time. Variants, each its own compile with its own compiler_options:
 
     nccl                 the engine's step options with --disable-custom-all-reduce: async NCCL all-reduces
-    collective_kernels   what the engine compiles its step with (runtime/runner.py step_compiler_options), which
+    collective_kernels   what the engine compiles its step with (runtime/compiler_options.py), which
                          differs from nccl only in the collective-kernel option
     sync                 nccl + xla_gpu_disable_async_collectives=ALLREDUCE: no async start/done pair
     kernels+sync         both
@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import EngineConfig
-from jaxllm.runtime.runner import step_compiler_options
+from jaxllm.runtime.compiler_options import step_compiler_options
 from jaxllm.sharding import TP, make_mesh
 
 CHAIN = 32

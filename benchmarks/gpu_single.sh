@@ -66,6 +66,18 @@ profile_of() {  # profile_of SECONDS BATCH...: a traced steady decode at 1024 to
     done
 }
 
+startup_of() {  # startup_of SECONDS: the real server launched cold, then warm, to its first token (needs the wheels)
+    PYTHONPATH=.:/tmp/site step startup "$1" python3 -m benchmarks.startup --model "$model" --load-format dummy \
+        --dtype bfloat16 --output-json "$results/startup.json"
+}
+
+serving_of() {  # serving_of SECONDS: streaming clients against the real server, whose log is kept (needs the wheels)
+    PYTHONPATH=.:/tmp/site step serving "$1" python3 -m benchmarks.serving --model "$model" --load-format dummy \
+        --input-len 1024 --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 \
+        --max-duration-s 15 --output-json "$results/serving.json"
+    cp /tmp/jaxllm-server-*.log "$results/"  # the server's own account, should a setting fail
+}
+
 case $part in
 engine)
     if [ -d .baseline ]; then  # the code before this change, same card, same call
@@ -135,25 +147,17 @@ table)  # rows not re-run since earlier sessions, and a TTFT trace to split host
     profile_of 60 256
     hf_ratio
     install_wheels || exit 1
-    PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
-        --dtype bfloat16 --output-json "$results/startup.json"
+    startup_of 170
     ;;
 serving)  # start-up, streaming clients against the real server (Poisson rates and fixed concurrencies), then T1
     install_wheels || exit 1
-    PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
-        --dtype bfloat16 --output-json "$results/startup.json"
-    PYTHONPATH=.:/tmp/site step serving 260 python3 -m benchmarks.serving --model "$model" --load-format dummy \
-        --input-len 1024 --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 \
-        --max-duration-s 15 --output-json "$results/serving.json"
-    cp /tmp/jaxllm-server-*.log "$results/"  # the server's own account, should a setting fail
+    startup_of 170
+    serving_of 260
     t1_of 170
     ;;
 serving-only)  # the serving table alone, with the server's log
     install_wheels || exit 1
-    PYTHONPATH=.:/tmp/site step serving 300 python3 -m benchmarks.serving --model "$model" --load-format dummy \
-        --input-len 1024 --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 \
-        --max-duration-s 15 --output-json "$results/serving.json"
-    cp /tmp/jaxllm-server-*.log "$results/"
+    serving_of 300
     ;;
 more)  # a traced prefill-heavy step, T1, the step-option variants in one process, start-up cold and warm
     step profile-prefill 70 python3 -m benchmarks.profile_decode --prefill --batch 16 --context 1024 \
@@ -162,8 +166,7 @@ more)  # a traced prefill-heavy step, T1, the step-option variants in one proces
     step step-options 110 python3 -m benchmarks.step_options --cases 1x1024 --variants engine,skip-profiled \
         --output-json "$results/step_options.json"
     install_wheels || exit 1
-    PYTHONPATH=.:/tmp/site step startup 170 python3 -m benchmarks.startup --model "$model" --load-format dummy \
-        --dtype bfloat16 --output-json "$results/startup.json"
+    startup_of 170
     ;;
 final)  # the latency table (new and baseline engine, the same benchmark code), decode idle at 1 and 64, HF ratio
     step latency 140 python3 -m benchmarks.latency --output-json "$results/latency.json"
@@ -186,11 +189,8 @@ online)
             --num-prompts $b --no-roofline --output-json "$results/ours_random_$b.json"
     done
     hf_ratio
-    step startup 150 python3 -m benchmarks.startup --model "$model" --load-format dummy --dtype bfloat16 \
-        --output-json "$results/startup.json"
-    step serving 240 python3 -m benchmarks.serving --model "$model" --load-format dummy --input-len 1024 \
-        --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 --max-duration-s 15 \
-        --output-json "$results/serving.json"
+    startup_of 150
+    serving_of 240
     ;;
 esac
 pack_results "$part"

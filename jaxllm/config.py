@@ -41,7 +41,7 @@ class EngineConfig:
     async_scheduling: bool = True  # dispatch step N + 1 before reading step N's tokens (off: one step at a time)
     skip_tokenizer_init: bool = False  # token ids in and out, no text (benchmarks on config-only dummy models)
     # TP on one GPU host: the step's all-reduces may use XLA's collective kernels instead of NCCL (in place of
-    # vLLM's custom all-reduce); True keeps them all on NCCL (runtime/runner.py step_compiler_options)
+    # vLLM's custom all-reduce); True keeps them all on NCCL (runtime/compiler_options.py)
     disable_custom_all_reduce: bool = False
     # Multi-host (vLLM's multi-node flags): one model over the devices of `nnodes` hosts through jax.distributed;
     # node 0 schedules, nodes 1.. run its steps (jaxllm.distributed). tensor_parallel_size spans all hosts.

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from jaxllm import EngineConfig
-from jaxllm.runtime.runner import step_compiler_options
+from jaxllm.runtime.compiler_options import step_compiler_options
 from serving.cli import engine_config, parse_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "llama3"
-GPU = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}  # every GPU step (runner.step_compiler_options)
+GPU = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}  # every GPU step (compiler_options.step_compiler_options)
 GRAPHED = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION,COLLECTIVES"
 TP = GPU | {"xla_gpu_enable_command_buffer": GRAPHED}  # tensor parallel: all-reduces inside the step's CUDA graph
 KERNELS = TP | {"xla_gpu_experimental_use_collective_kernels": "COLLECTIVE_KERNEL_ALL_REDUCE"}

@@ -31,6 +31,7 @@ from jaxllm.kv_cache import KVCache
 from jaxllm.loading import load_model
 from jaxllm.runtime import block_ops, inputs, kv_sizing, transfer
 from jaxllm.runtime.buckets import BatchLayout, BucketPlan
+from jaxllm.runtime.compiler_options import step_compiler_options
 from jaxllm.runtime.sampler import Logprobs, SamplerOutput, SamplingMetadata, prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
@@ -328,41 +329,6 @@ class ModelRunner:
         self.params = self.kv_cache = self._logits = self._last_tokens = None
         self._staged = {}
         self._step = self._sample = None
-
-
-def step_compiler_options(config: EngineConfig, platform: str) -> dict[str, str]:
-    """XLA options for the model step on GPU (none elsewhere).
-
-    Command buffers: XLA runs the step as a CUDA graph, which it must update whenever a buffer the graph touches
-    moves, and the step's inputs, outputs and temporaries move every step. On an H200 at batch 1 (Llama-3.1-8B) the
-    host spent ~3.1 ms per step updating the graph and ~2.3 ms launching it, more than the GPU's 4.4 ms of work;
-    "SKIP_TEMP" keeps temporaries from forcing the update and took the step from 6.4-7.7 to 4.2-4.5 ms in the same
-    process (benchmarks/step_options.py, RESULTS.md).
-
-    All-reduces under tensor parallelism (two per layer, of [T, D] activations): vLLM uses a one-shot all-reduce
-    kernel of its own unless --disable-custom-all-reduce; here XLA's one-shot / two-shot collective kernels take
-    that place: one GPU host (vLLM's custom all-reduce is intra-node only), more than one device, not disabled.
-    On 4x H200 over NVLink they measured the same as NCCL, 25-30 us per small all-reduce (benchmarks/allreduce.py,
-    RESULTS.md). The value is the DebugOptions enum's full name: per-compile options are parsed by proto reflection,
-    which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
-
-    XLA's command buffers leave collectives out by default, so under tensor parallelism each all-reduce split the
-    step's CUDA graph: 65 graphs per step per device for Llama-3.1-8B, each updated and launched by the host. The
-    step records collectives too (the list is XLA's default, `_GRAPHED`, plus COLLECTIVES; per-compile options
-    replace the list, and take neither the "+" form nor short names).
-    """
-    if platform not in ("gpu", "cuda"):
-        return {}
-    options = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}
-    if config.tensor_parallel_size > 1:
-        options["xla_gpu_enable_command_buffer"] = ",".join(_GRAPHED + ("COLLECTIVES",))
-        if config.nnodes == 1 and not config.disable_custom_all_reduce:
-            options["xla_gpu_experimental_use_collective_kernels"] = "COLLECTIVE_KERNEL_ALL_REDUCE"
-    return options
-
-
-# The commands XLA (jaxlib 0.11.2) records into command buffers by default.
-_GRAPHED = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "CONDITIONAL", "DYNAMIC_SLICE_FUSION")
 
 
 def _copy_into(held: jax.Array, fresh: jax.Array) -> jax.Array:
