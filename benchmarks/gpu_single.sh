@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_single.sh norm     # kernel correctness, latency with a baseline, a batch-1 profile, T3-500
 #   bash benchmarks/gpu_single.sh merge    # kernel correctness, latency (all cases) with a baseline, profile, T3, T1
 #   bash benchmarks/gpu_single.sh rotary   # new kernels' checks, latency with a baseline, profile, TTFT trace, T3
+#   bash benchmarks/gpu_single.sh tail     # edge tiles read only their keys: checks, step-shape variants, latency
+#   bash benchmarks/gpu_single.sh b256host # warm start; the batch-256 graph updates and the XLA options around them
+#   bash benchmarks/gpu_single.sh layers   # one lowering per layer shape: start-up, latency with a baseline, T3
 #   bash benchmarks/gpu_single.sh table    # a TTFT trace, a batch-256 profile, the HF ratio, start-up
 #   bash benchmarks/gpu_single.sh serving  # start-up cold and warm, the serving table, then T1
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
@@ -139,6 +142,33 @@ rotary)  # rotary + KV write and the split merge as kernels, the TTFT host path
     profile_of 50 1
     step ttft-trace 60 python3 -m benchmarks.latency --cases 1x1024 --decode-steps 4 --ttft-repeats 1 \
         --trace-dir /tmp/traces/ttft --output-json "$results/latency_traced.json"
+    t3_500_of current 90
+    ;;
+tail)  # edge tiles that read only their keys: GPU checks, decode variants at a step's shapes (new, baseline), latency
+    step kernels-check 90 python3 benchmarks/kernels_check.py --kernels ragged,decode --out "$results"
+    step step-shapes 100 python3 benchmarks/kernels.py --step-shapes 256x1024,256x1030,64x1030 --out "$results/new"
+    step step-shapes-baseline 80 "${baseline[@]}" python3 benchmarks/kernels.py --step-shapes 256x1030,64x1030 \
+        --out "$results/baseline"
+    latency_of current 120 1x32,1x1024,1x8192,64x1024,256x1024
+    latency_of baseline 90 1x1024,256x1024
+    profile_of 60 256
+    ;;
+b256host)  # warm start; why a batch-256 step's CUDA graph is updated every step, and the XLA options around it
+    install_wheels || exit 1
+    startup_of 230
+    step step-options 190 python3 -m benchmarks.step_options --cases 256x1024 \
+        --variants engine,triton-gemms,cublas-outside-graph --output-json "$results/step_options.json"
+    TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 step graph-updates 70 \
+        python3 -m benchmarks.profile_decode --batch 256 --context 1024 >/tmp/updates.log 2>&1
+    grep -c "Update command buffer" /tmp/updates.log; grep "Update command buffer" /tmp/updates.log | tail -3
+    grep -c "Execute command buffer" /tmp/updates.log; grep -i "error\|warn" /tmp/updates.log | head -5
+    ;;
+layers)  # the decoder layer lowered once per bucket: start-up cold and warm, latency with a baseline, kernels, T3
+    install_wheels || exit 1
+    startup_of 200
+    latency_of current 110 1x1024,64x1024,256x1024
+    latency_of baseline 100 1x1024,64x1024,256x1024
+    profile_of 45 1
     t3_500_of current 90
     ;;
 table)  # rows not re-run since earlier sessions, and a TTFT trace to split host from GPU time

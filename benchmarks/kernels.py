@@ -1,6 +1,7 @@
 """Kernel timings on the GPU: the card's ceilings, paged decode attention and causal prefill, with baselines.
 
     PYTHONPATH=. python3 benchmarks/kernels.py [--sweep] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/kernels.py --step-shapes 256x1030,64x1030 [--out DIR]
 
 Prints, in one run: measured copy bandwidth (read + write) and bf16 matmul rate; decode attention at 32 q / 8 kv
 heads, d = 128, block 16, batch 1/8/64/256 x context 1k/4k/16k/32k (us and KV bytes read per second) for
@@ -8,7 +9,9 @@ jaxllm's kernel, JAX's own jax.experimental.pallas.ops.gpu.paged_attention and t
 TFLOP/s at 1k/4k/8k (one sequence, all of its K/V in pages) with JAX's own flash attention (mha, unpaged) as
 baseline; and the time of write_kv on a donated cache. --sweep also times tuning variants and runs the tables with
 the fastest. Timings are medians of 3 runs of jitted chains of 8 calls (see chain_time), each call's input made
-to depend on the last output; KV caches hold random data.
+to depend on the last output; KV caches hold random data. --step-shapes times only the decode tuning variants at
+the given batch x context shapes, with contexts that need not be a multiple of the tile and a cache three times
+the pages the block tables use.
 """
 
 import argparse
@@ -86,12 +89,14 @@ def random_pages(num_pages: int, seed: int) -> jax.Array:
 class DecodeShape:
     batch: int
     context: int
+    cache_factor: int = 1  # the cache holds this many times the pages the tables use, as an engine's does
 
     def build(self):
-        pages_per_seq = self.context // PAGE
-        num_pages = 1 + self.batch * pages_per_seq
+        pages_per_seq = -(-self.context // PAGE)
+        num_pages = 1 + self.batch * pages_per_seq * self.cache_factor
         rng = np.random.default_rng(self.batch * 7 + self.context)
-        tables = (1 + rng.permutation(num_pages - 1)).reshape(self.batch, pages_per_seq).astype(np.int32)
+        used = rng.permutation(num_pages - 1)[:self.batch * pages_per_seq]
+        tables = (1 + used).reshape(self.batch, pages_per_seq).astype(np.int32)
         q = jax.random.normal(jax.random.key(3), (self.batch, N_HEADS, HEAD_DIM), jnp.bfloat16)
         return dict(q=q, k=random_pages(num_pages, 4), v=random_pages(num_pages, 5), tables=jnp.asarray(tables),
                     lens=jnp.full((self.batch,), self.context, jnp.int32),
@@ -191,6 +196,10 @@ DECODE_VARIANTS = {  # name: c block_k, w warps, s stages, x splits (auto when a
     f"jaxllm:c{c}w{w}s{s}" + (f"x{x}" if x else ""): _decode(c, w, s, x)
     for c, w, s, x in [(64, 4, 4, None), (64, 4, 3, None), (128, 8, 3, None), (64, 4, 4, 2)]
 }
+STEP_VARIANTS = {  # the same names, for the shapes of an engine's decode step (--step-shapes)
+    f"jaxllm:c{c}w{w}s{s}": _decode(c, w, s)
+    for c, w, s in [(64, 4, 4), (64, 4, 3), (64, 4, 2), (32, 4, 4), (32, 2, 4), (64, 8, 4), (128, 8, 2), (16, 2, 4)]
+}
 PREFILL_VARIANTS = {  # name: r block_rows, c block_k, w warps, s stages, e: exp2 in bf16 pairs
     f"jaxllm:r{r}c{c}w{w}s{s}" + ("e" if e else ""): RaggedConfig(block_rows=r, block_k=c, num_warps=w,
                                                                   num_stages=s, half_exp=e)
@@ -212,6 +221,9 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--step-shapes", default=None, metavar="BxC,...",
+                        help="time only the decode variants at these shapes, in a cache 3x the pages used "
+                             "(an engine step's contexts are rarely a multiple of the tile), then stop")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
     report = dict(device=device.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
@@ -230,6 +242,15 @@ def main(argv=None):
     report["write_kv"] = time_write_kv()
     print("write_kv", report["write_kv"], flush=True)
     save()
+
+    if args.step_shapes:
+        report["decode_step_shapes"] = {}
+        for batch, context in (map(int, shape.split("x")) for shape in args.step_shapes.split(",")):
+            row = time_decode(DecodeShape(batch, context, cache_factor=3), STEP_VARIANTS)
+            report["decode_step_shapes"][f"{batch}x{context}"] = row
+            print(f"decode step shape {batch}x{context}", json.dumps(row), flush=True)
+            save()
+        return report
 
     decode_cfg, prefill_cfg = DecodeConfig(), RaggedConfig()
     report["decode_config"], report["prefill_config"] = "default", "default"

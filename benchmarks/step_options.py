@@ -27,6 +27,12 @@ VARIANTS = {  # options laid over the engine's own; None removes one, so XLA's d
     # cache) a fixed one, so only commands touching the moving inputs and outputs would need an update.
     "skip-profiled": {"xla_gpu_command_buffer_update_mode": "SKIP_PROFILED"},
     "no-command-buffers": {"xla_gpu_enable_command_buffer": ""},
+    # Batch 256: its gemms are cuBLAS calls, which XLA records into the graph by stream capture, and the graph was
+    # updated before every launch (~2.5 ms of host time). Triton gemms only (no cuBLAS candidate in the
+    # autotuner), or the cuBLAS calls launched outside the graph.
+    "triton-gemms": {"xla_gpu_cublas_fallback": "false"},
+    "cublas-outside-graph": {
+        "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"},
     # Tensor parallel only: the all-reduces outside the CUDA graph (XLA's default list), each splitting it in two;
     # and the all-reduces on NCCL rather than XLA's collective kernels.
     "collectives-outside-graph": {"xla_gpu_enable_command_buffer": None},

@@ -75,13 +75,17 @@ def _indexer(leading: tuple, width: int, first_column: int, *, clamp_columns: bo
     return (*rows, first_column + col[None, :]), col_mask
 
 
-def gather_rows(ref, leading: tuple, width: int, first_column: int = 0) -> jax.Array:
+def gather_rows(ref, leading: tuple, width: int, first_column: int = 0, row_ok: jax.Array | None = None) -> jax.Array:
     """ref[*leading, first_column:first_column + width] as [R, Wp]; the columns past width (if any) are 0, so
-    they add nothing to q.k or p.v."""
-    idx, col_mask = _indexer(leading, width, first_column, clamp_columns=True)
-    if col_mask is None:
+    they add nothing to q.k or p.v. Rows where row_ok (bool[R]) is False are 0 and not read: a context tile's
+    positions past the sequence's end cost no memory traffic."""
+    idx, mask = _indexer(leading, width, first_column, clamp_columns=True)
+    if row_ok is not None:
+        rows = jnp.broadcast_to(row_ok[:, None], (row_ok.shape[0], pl.next_power_of_2(width)))
+        mask = rows if mask is None else rows & mask
+    if mask is None:
         return ref[idx]
-    return plgpu.load(ref.at[idx], mask=col_mask, other=0)
+    return plgpu.load(ref.at[idx], mask=mask, other=0)
 
 
 def scatter_rows(ref, leading: tuple, value: jax.Array, row_ok: jax.Array, width: int, first_column: int = 0) -> None:

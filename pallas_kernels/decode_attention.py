@@ -95,11 +95,10 @@ def _decode_kernel(
     def body(t, carry, masked):
         pos = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
         slots = tile.kv_slots(bt_ref, seq, pos, page_size=page_size)
-        k = tile.gather_rows(k_ref, (kv_head, slots), head_dim)
-        v = tile.gather_rows(v_ref, (kv_head, slots), head_dim)
-        visible = None
-        if masked:
-            visible = jnp.broadcast_to(((pos >= lo) & (pos < ctx_len))[None, :], (g.shape[0], block_k))
+        in_context = ((pos >= lo) & (pos < ctx_len)) if masked else None  # edge tiles read only their keys
+        k = tile.gather_rows(k_ref, (kv_head, slots), head_dim, row_ok=in_context)
+        v = tile.gather_rows(v_ref, (kv_head, slots), head_dim, row_ok=in_context)
+        visible = None if in_context is None else jnp.broadcast_to(in_context[None, :], (g.shape[0], block_k))
         return tile.flash_update(carry, q, k, v, visible, tile_math)
 
     carry = tile.init_carry(g.shape[0], q.shape[-1])

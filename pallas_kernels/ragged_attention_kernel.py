@@ -108,8 +108,9 @@ def _ragged_kernel(
         def body(t, carry, masked):
             pos = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
             slots = tile.kv_slots(bt_ref, seq, pos, page_size=page_size)
-            k = tile.gather_rows(k_ref, (kv_head, slots), head_dim)
-            v = tile.gather_rows(v_ref, (kv_head, slots), head_dim)
+            seen = ((pos >= lo) & (pos <= pos_hi)) if masked else None  # keys some row of the block sees
+            k = tile.gather_rows(k_ref, (kv_head, slots), head_dim, row_ok=seen)
+            v = tile.gather_rows(v_ref, (kv_head, slots), head_dim, row_ok=seen)
             visible = None
             if masked:
                 visible = pos[None, :] <= q_pos[:, None]

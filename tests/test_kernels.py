@@ -79,6 +79,33 @@ def test_decode_kernel_matches_reference(ctx_lens, n, k, h, b, window, cap, conf
     _compare(batch, out, ref)
 
 
+def _poison_past_context(batch: RaggedBatch) -> RaggedBatch:
+    """Every cache slot no sequence's context holds (the null block, spare pages, each last page's tail) -> NaN."""
+    used = np.zeros(batch.k_pages.shape[1:3], bool)  # [P, B]
+    page_size = used.shape[1]
+    for table, length in zip(np.asarray(batch.block_tables), np.asarray(batch.seq_lens)):
+        pos = np.arange(length)
+        used[table[pos // page_size], pos % page_size] = True
+    keep = jnp.asarray(used)[None, :, :, None]
+    return dataclasses.replace(batch, k_pages=jnp.where(keep, batch.k_pages, jnp.nan),
+                               v_pages=jnp.where(keep, batch.v_pages, jnp.nan))
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_kernels_read_no_key_past_the_context(decode_only):
+    """A context's last tile reads only the positions it has: the rest of its page and the null block behind it
+    may hold anything, and 0 * NaN in p.v would poison the row (as a read of them would also cost bandwidth)."""
+    q_lens = [1, 1, 1] if decode_only else [1, 5, 20]
+    batch = make_ragged_batch(q_lens, [37, 100, 20], num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
+                              pad_tokens=1 if decode_only else 3, pad_seqs=1, seed=7)
+    knobs = dict(scale=0.125, sliding_window=None, soft_cap=None)
+    ref = ragged_paged_attention(*batch.args, **knobs, backend="reference")
+    out = ragged_paged_attention(*_poison_past_context(batch).args, **knobs, decode_only=decode_only,
+                                 backend="triton", interpret=True, decode_config=DecodeConfig(block_k=32),
+                                 ragged_config=RaggedConfig(block_rows=16, block_k=32))
+    _compare(batch, out, ref)
+
+
 def test_interpreter_poisons_outputs():
     """The premise of the tests above: an output the kernel never writes reads NaN in the interpreter."""
 
