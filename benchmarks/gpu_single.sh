@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_single.sh tail     # edge tiles read only their keys: checks, step-shape variants, latency
 #   bash benchmarks/gpu_single.sh b256host # warm start; the batch-256 graph updates and the XLA options around them
 #   bash benchmarks/gpu_single.sh layers   # one lowering per layer shape: start-up, latency with a baseline, T3
+#   bash benchmarks/gpu_single.sh closing  # the latency table, the serving table with the server's log, T1
 #   bash benchmarks/gpu_single.sh table    # a TTFT trace, a batch-256 profile, the HF ratio, start-up
 #   bash benchmarks/gpu_single.sh serving  # start-up cold and warm, the serving table, then T1
 #   bash benchmarks/gpu_single.sh more     # a prefill trace, T1, the XLA step-option variants, start-up
@@ -170,6 +171,12 @@ layers)  # the decoder layer lowered once per bucket: start-up cold and warm, la
     latency_of baseline 100 1x1024,64x1024,256x1024
     profile_of 45 1
     t3_500_of current 90
+    ;;
+closing)  # the session's last call: the latency table, the serving table (with the server's log), T1
+    install_wheels || exit 1
+    latency_of current 100 1x32,1x1024,1x8192,64x1024,256x1024
+    serving_of 280
+    t1_of 150
     ;;
 table)  # rows not re-run since earlier sessions, and a TTFT trace to split host from GPU time
     step ttft-trace 70 python3 -m benchmarks.latency --cases 1x1024 --decode-steps 8 --trace-dir /tmp/traces/ttft \

@@ -13,6 +13,7 @@ that window: kernels, busy time, the window's span, idle share and the top 5 ker
 
 import argparse
 import contextlib
+import gc
 import json
 import time
 
@@ -21,6 +22,28 @@ import numpy as np
 
 from benchmarks import roofline, trace_summary
 from jaxllm import EngineConfig, LLMEngine, SamplingParams
+
+
+class GcPauses:
+    """Python's garbage collections while in the block, as [generation, ms] pairs: a full collection stops the
+    host, so a step that runs into one takes that much longer."""
+
+    def __init__(self):
+        self.pauses: list[list] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append([info["generation"], (time.perf_counter() - self._started) * 1e3])
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int, seed: int = 0,
@@ -42,16 +65,17 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
     for request_id in ids:
         engine.add_request(request_id, {"prompt_token_ids": rng.integers(10, vocab - 10, context).tolist()}, params)
     first_tokens, decode_times = 0, []
-    while len(decode_times) < decode_steps:
-        step_start = time.perf_counter()
-        outputs = engine.step()
-        elapsed = time.perf_counter() - step_start
-        if first_tokens == batch:
-            decode_times.append(elapsed)
-        first_tokens += sum(1 for o in outputs if len(o.outputs[0].token_ids) == 1)
-        if first_tokens == batch and not decode_times:
-            ttft = time.perf_counter() - start
-            ttft_window.close()
+    with GcPauses() as collections:
+        while len(decode_times) < decode_steps:
+            step_start = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - step_start
+            if first_tokens == batch:
+                decode_times.append(elapsed)
+            first_tokens += sum(1 for o in outputs if len(o.outputs[0].token_ids) == 1)
+            if first_tokens == batch and not decode_times:
+                ttft = time.perf_counter() - start
+                ttft_window.close()
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
@@ -59,7 +83,7 @@ def run_batch(engine: LLMEngine, *, batch: int, context: int, decode_steps: int,
     # alternate short and long around the device's step time, and only their mean is that time.
     return {"batch": batch, "context": context, "ttft_s": ttft,
             "decode_step_s": float(np.mean(decode_times)), "decode_step_median_s": float(np.median(decode_times)),
-            "decode_steps_s": decode_times}
+            "decode_steps_s": decode_times, "gc_pauses_ms": collections.pauses}
 
 
 def time_to_first_token(engine: LLMEngine, *, context: int, repeats: int, seed: int = 2) -> list[float]:
@@ -140,6 +164,9 @@ def main(argv=None) -> dict:
               f"(roofline {floor * 1e3:6.2f} ms, x{r['decode_ratio']:.2f})  TTFT {r['ttft_s'] * 1e3:8.1f} ms"
               + (f" (FLOP roofline {r['ttft_roofline_s'] * 1e3:.1f} ms, x{r['ttft_ratio']:.2f})" if batch == 1
                  else ""), flush=True)
+        print(f"  median step {r['decode_step_median_s'] * 1e3:.2f} ms, slowest {max(r['decode_steps_s']) * 1e3:.1f}"
+              f" ms; garbage collections while timed (generation, ms): "
+              f"{[[g, round(ms, 1)] for g, ms in r['gc_pauses_ms'] if g > 0 or ms > 1]}", flush=True)
         if trace_dir:
             for device in trace_summary.summarize(trace_dir, top=5, annotation="ttft")["devices"]:
                 print(f"  trace {trace_dir}, TTFT window, {trace_summary.one_line(device)}", flush=True)

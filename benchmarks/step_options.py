@@ -30,7 +30,7 @@ VARIANTS = {  # options laid over the engine's own; None removes one, so XLA's d
     # Batch 256: its gemms are cuBLAS calls, which XLA records into the graph by stream capture, and the graph was
     # updated before every launch (~2.5 ms of host time). Triton gemms only (no cuBLAS candidate in the
     # autotuner), or the cuBLAS calls launched outside the graph.
-    "triton-gemms": {"xla_gpu_cublas_fallback": "false"},
+    "triton-gemms": {"xla_gpu_cublas_fallback": False},  # a bool: XLA rejected the string "false"
     "cublas-outside-graph": {
         "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"},
     # Tensor parallel only: the all-reduces outside the CUDA graph (XLA's default list), each splitting it in two;

@@ -1,7 +1,10 @@
-"""The offline-throughput roofline: FLOP time against weight + KV read time, checked by brute force."""
+"""Benchmark bookkeeping: the offline-throughput roofline (FLOP time against weight + KV read time, checked by brute
+force) and latency.py's record of the garbage collections a timed run sat through."""
 
+import gc
 import math
 
+from benchmarks.latency import GcPauses
 from benchmarks.throughput import roofline
 
 
@@ -19,3 +22,12 @@ def test_kv_reads_count_every_decode_pass_context():
     assert math.isclose(bound["roofline_flop_s"], flops / 2e6)
     memory_s = bound["roofline_weight_read_s"] + bound["roofline_kv_read_s"]
     assert memory_s > bound["roofline_flop_s"] and bound["roofline_s"] == memory_s
+
+
+def test_latency_records_the_collections_it_sat_through():
+    with GcPauses() as pauses:
+        gc.collect(2)
+        gc.collect(0)
+    gc.collect()  # after the block: not recorded
+    assert [generation for generation, _ in pauses.pauses] == [2, 0]
+    assert all(ms >= 0 for _, ms in pauses.pauses)
