@@ -120,6 +120,26 @@ class LlamaForCausalLM:
             params["lm_head"] = s(d, c.vocab_size)
         return params
 
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def _decoder_layer(self, sliding_window: int | None, p: dict, k_pages: jax.Array, v_pages: jax.Array,
+                       x: jax.Array, normed: jax.Array, next_norm: jax.Array, cos: jax.Array, sin: jax.Array,
+                       metadata: AttentionMetadata):
+        """One decoder layer -> (k_pages', v_pages', x', normed'): `normed` is `x` normed for this layer, `normed'`
+        is `x'` normed with `next_norm`.
+
+        Jitted (the model is static: frozen and hashable), so that a step's layers, alike in shapes, are traced and
+        lowered once: the model step lowers one layer and calls it L times (XLA inlines the calls, so the compiled
+        program is the same). Traced inline, a Llama-3.1-8B step's 32 layers took ~5 s of start-up per bucket on
+        the host, most of it lowering the Pallas kernels, once per layer; and a warm start, whose compile cache
+        skips only XLA's part, paid it for every bucket.
+        """
+        k_pages, v_pages, h = attention(
+            p, k_pages, v_pages, normed, cos, sin, metadata, config=self.config, sliding_window=sliding_window,
+            backend=self.attention_backend, mesh=self.mesh)
+        x, normed = self._add_norm(x, h, p["post_norm"])
+        x, normed = self._add_norm(x, mlp(p, normed), next_norm)
+        return k_pages, v_pages, x, normed
+
     def _add_norm(self, x: jax.Array, h: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
         return add_rms_norm(x, h, weight, self.config.rms_norm_eps, backend=self.attention_backend, mesh=self.mesh)
 
@@ -147,9 +167,8 @@ class LlamaForCausalLM:
         normed = rms_norm(x, layers[0]["input_norm"], c.rms_norm_eps)
         new_k, new_v = [], []
         for i, (p, next_norm) in enumerate(zip(layers, next_norms)):
-            k_pages, v_pages, x, normed = _decoder_layer(
-                self, c.layer_sliding_window(i), p, kv_cache.k[i], kv_cache.v[i], x, normed, next_norm, cos, sin,
-                metadata)
+            k_pages, v_pages, x, normed = self._decoder_layer(
+                c.layer_sliding_window(i), p, kv_cache.k[i], kv_cache.v[i], x, normed, next_norm, cos, sin, metadata)
             new_k.append(k_pages)
             new_v.append(v_pages)
         x = normed  # final-normed
@@ -161,22 +180,3 @@ class LlamaForCausalLM:
             logits = jnp.einsum("TD,DV->TV", x, params["lm_head"])
         return KVCache(k=tuple(new_k), v=tuple(new_v)), logits.astype(jnp.float32)
 
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _decoder_layer(model: LlamaForCausalLM, sliding_window: int | None, p: dict, k_pages: jax.Array,
-                   v_pages: jax.Array, x: jax.Array, normed: jax.Array, next_norm: jax.Array, cos: jax.Array,
-                   sin: jax.Array, metadata: AttentionMetadata):
-    """One decoder layer -> (k_pages', v_pages', x', normed'): `normed` is `x` normed for this layer, `normed'` is
-    `x'` normed with `next_norm`.
-
-    A jitted function, so that a step's layers, alike in shapes, are traced and lowered once: the model step lowers
-    one layer and calls it L times (XLA inlines the calls, so the compiled program is the same). Traced inline, a
-    Llama-3.1-8B step's 32 layers took ~5 s of start-up per bucket on the host, most of it lowering the Pallas
-    kernels, once per layer; and a warm start, whose compile cache skips only XLA's part, paid it for every bucket.
-    """
-    k_pages, v_pages, h = attention(
-        p, k_pages, v_pages, normed, cos, sin, metadata, config=model.config, sliding_window=sliding_window,
-        backend=model.attention_backend, mesh=model.mesh)
-    x, normed = model._add_norm(x, h, p["post_norm"])
-    x, normed = model._add_norm(x, mlp(p, normed), next_norm)
-    return k_pages, v_pages, x, normed
