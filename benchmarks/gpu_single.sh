@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_single.sh tail     # edge tiles read only their keys: checks, step-shape variants, latency
 #   bash benchmarks/gpu_single.sh b256host # warm start; the batch-256 graph updates and the XLA options around them
 #   bash benchmarks/gpu_single.sh layers   # one lowering per layer shape: start-up, latency with a baseline, T3
+#   bash benchmarks/gpu_single.sh vmm      # which buffer moves at batch 256; XLA's SKIP_TEMP on its VMM allocator
 #   bash benchmarks/gpu_single.sh closing  # the latency table, the serving table with the server's log, T1
 #   bash benchmarks/gpu_single.sh table    # a TTFT trace, a batch-256 profile, the HF ratio, start-up
 #   bash benchmarks/gpu_single.sh serving  # start-up cold and warm, the serving table, then T1
@@ -163,6 +164,23 @@ b256host)  # warm start; why a batch-256 step's CUDA graph is updated every step
         python3 -m benchmarks.profile_decode --batch 256 --context 1024 >/tmp/updates.log 2>&1
     grep -c "Update command buffer" /tmp/updates.log; grep "Update command buffer" /tmp/updates.log | tail -3
     grep -c "Execute command buffer" /tmp/updates.log; grep -i "error\|warn" /tmp/updates.log | head -5
+    ;;
+vmm)  # which allocation the batch-256 graph update is for; SKIP_TEMP with the VMM allocator it needs; gemm tiling
+    vlog=gpu_executable=5,gpu_executable_buffer_allocator=3,gpu_executable_va_remap_allocator=3,command_buffer_thunk=3
+    TF_CPP_VMODULE=$vlog TF_CPP_MIN_LOG_LEVEL=0 step graph-updates 80 \
+        python3 -m benchmarks.profile_decode --batch 256 --context 1024 >/tmp/updates.log 2>&1
+    grep -c "Update command buffer" /tmp/updates.log
+    grep -E "changed address|allocation policy|VA remapping|kVmm|copy-protection" /tmp/updates.log | cut -c1-400 \
+        | sort | uniq -c | sort -rn | head -20
+    latency_of current 110 1x1024,64x1024,256x1024
+    # XLA_FLAGS is read when the client is made: only then does XLA pick the VMM allocator that SKIP_TEMP's fixed
+    # temporary addresses need (a per-compile option alone leaves the default allocator).
+    XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP TF_CPP_VMODULE=gpu_executable_buffer_allocator=3 \
+        TF_CPP_MIN_LOG_LEVEL=0 step latency-vmm 120 python3 -m benchmarks.latency --cases 1x1024,64x1024,256x1024 \
+        --output-json "$results/latency_vmm.json" 2>&1 | tee /tmp/vmm.log | grep -vE "^[IWE][0-9]{4} "
+    grep -E "kVmm|allocation policy|VA remapping" /tmp/vmm.log | cut -c1-300 | sort | uniq -c | head
+    step step-options 160 python3 -m benchmarks.step_options --cases 256x1024 --variants engine,exhaustive-tiling \
+        --output-json "$results/step_options.json"
     ;;
 layers)  # the decoder layer lowered once per bucket: start-up cold and warm, latency with a baseline, kernels, T3
     install_wheels || exit 1

@@ -109,6 +109,7 @@ class LLMEngine:
         # 256 sequences on a 2-core CPU (0.7 ms a step on average), ~1 ms once frozen. vLLM freezes too.
         gc.collect()
         gc.freeze()
+        self._frozen_layouts = self.runner.num_layouts_run
 
     def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
                         arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
@@ -164,6 +165,7 @@ class LLMEngine:
                 if group.params.prompt_logprobs is not None:
                     output.prompt_logprobs = prompt_logprobs
                 aborted.append(output)
+        self._freeze_new_programs()
         return aborted
 
     def abort_all(self) -> None:
@@ -185,6 +187,23 @@ class LLMEngine:
         """One engine step. With run-ahead (the default), step N + 1 is scheduled and dispatched before step N's
         tokens are read back, so the host's work (reading tokens, detokenizing, scheduling, packing) overlaps the
         device's instead of leaving it idle."""
+        outputs = self._step()
+        self._freeze_new_programs()
+        return outputs
+
+    def _freeze_new_programs(self) -> None:
+        """Once idle after a batch shape's first step, freeze the heap again: the first step of a shape traces
+        its program (all of it under enforce_eager, otherwise what start-up's compile did not keep), and JAX's
+        caches of it are then walked by every full collection. On an H200 one such collection, 48 ms, stalled a
+        batch-256 step (RESULTS.md). Only when no request is alive: a frozen request's reference cycles
+        (Sequence <-> SequenceGroup) would never be collected."""
+        if self.scheduler.has_unfinished() or self.runner.num_layouts_run == self._frozen_layouts:
+            return
+        self._frozen_layouts = self.runner.num_layouts_run
+        gc.collect()
+        gc.freeze()
+
+    def _step(self) -> list[RequestOutput]:
         current = self._in_flight or self._dispatch_next(previous=None)
         self._in_flight = None
         if current is None:

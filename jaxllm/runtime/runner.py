@@ -118,6 +118,11 @@ class ModelRunner:
         return self.model_config.vocab_size
 
     @property
+    def num_layouts_run(self) -> int:
+        """How many batch layouts (buckets) have run a step so far."""
+        return len(self._staged)
+
+    @property
     def kv_cache_heads(self) -> int:
         return sharding.kv_cache_heads(self.model_config.num_kv_heads, self.config.tensor_parallel_size)
 
