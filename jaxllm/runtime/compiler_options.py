@@ -11,7 +11,8 @@ def step_compiler_options(config: EngineConfig, platform: str) -> dict[str, str]
     moves, and the step's inputs, outputs and temporaries move every step. On an H200 at batch 1 (Llama-3.1-8B) the
     host spent ~3.1 ms per step updating the graph and ~2.3 ms launching it, more than the GPU's 4.4 ms of work;
     "SKIP_TEMP" keeps temporaries from forcing the update and took the step from 6.4-7.7 to 4.2-4.5 ms in the same
-    process (benchmarks/step_options.py, RESULTS.md).
+    process (benchmarks/step_options.py, RESULTS.md). At batch 256 the temporaries still move every step: XLA holds
+    them in place only on its VMM allocator, which it takes only from XLA_FLAGS at start (RESULTS.md, eighth session).
 
     All-reduces under tensor parallelism (two per layer, of [T, D] activations): vLLM uses a one-shot all-reduce
     kernel of its own unless --disable-custom-all-reduce; here XLA's one-shot / two-shot collective kernels take
