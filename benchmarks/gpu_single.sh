@@ -12,7 +12,7 @@
 #   bash benchmarks/gpu_single.sh b256host # warm start; the batch-256 graph updates and the XLA options around them
 #   bash benchmarks/gpu_single.sh layers   # one lowering per layer shape: start-up, latency with a baseline, T3
 #   bash benchmarks/gpu_single.sh vmm      # which buffer moves at batch 256; XLA's SKIP_TEMP on its VMM allocator
-#   bash benchmarks/gpu_single.sh tiling   # the whole gemm tiling search: start-up cold/warm, latency with a baseline, T3
+#   bash benchmarks/gpu_single.sh tiling   # a step-option change (made the engine's default) against .baseline/
 #   bash benchmarks/gpu_single.sh closing  # the latency table, the serving table with the server's log, T1
 #   bash benchmarks/gpu_single.sh table    # a TTFT trace, a batch-256 profile, the HF ratio, start-up
 #   bash benchmarks/gpu_single.sh serving  # start-up cold and warm, the serving table, then T1
@@ -183,7 +183,8 @@ vmm)  # which allocation the batch-256 graph update is for; SKIP_TEMP with the V
     step step-options 160 python3 -m benchmarks.step_options --cases 256x1024 --variants engine,exhaustive-tiling \
         --output-json "$results/step_options.json"
     ;;
-tiling)  # XLA's whole gemm tiling search: what it costs a cold start, what it gives each step, T3-500
+tiling)  # a step option made the engine's default (call K: the whole gemm tiling search, since reverted): what it
+         # costs a cold start, what it gives each step against .baseline/, T3-500
     install_wheels || exit 1
     startup_of 200
     latency_of current 110 1x1024,64x1024,256x1024
