@@ -12,6 +12,12 @@
 #   bash benchmarks/gpu_single.sh b256host # warm start; the batch-256 graph updates and the XLA options around them
 #   bash benchmarks/gpu_single.sh layers   # one lowering per layer shape: start-up, latency with a baseline, T3
 #   bash benchmarks/gpu_single.sh vmm      # which buffer moves at batch 256; XLA's SKIP_TEMP on its VMM allocator
+#   bash benchmarks/gpu_single.sh grid     # decode tiling vs a baseline; every gemm on cuBLAS; b256 reduce fusions
+#   bash benchmarks/gpu_single.sh table-engine  # latency (all cases), a b256 profile, T1, T3-500
+#   bash benchmarks/gpu_single.sh table-online  # the HF ratio, start-up cold and warm, the serving table
+#   bash benchmarks/gpu_single.sh loading  # a real safetensors checkpoint: load_model (with a baseline), start-up
+#                                          # (a warm start that adds compile-cache files recompiled: call Q)
+#   bash benchmarks/gpu_single.sh cachekeys  # a warm start from safetensors: the compile cache keys, a baseline
 #   bash benchmarks/gpu_single.sh tiling   # a step-option change (made the engine's default) against .baseline/
 #   bash benchmarks/gpu_single.sh closing  # the latency table, the serving table with the server's log, T1
 #   bash benchmarks/gpu_single.sh table    # a TTFT trace, a batch-256 profile, the HF ratio, start-up
@@ -182,6 +188,59 @@ vmm)  # which allocation the batch-256 graph update is for; SKIP_TEMP with the V
     grep -E "kVmm|allocation policy|VA remapping" /tmp/vmm.log | cut -c1-300 | sort | uniq -c | head
     step step-options 160 python3 -m benchmarks.step_options --cases 256x1024 --variants engine,exhaustive-tiling \
         --output-json "$results/step_options.json"
+    ;;
+grid)  # a decode-tiling change against .baseline/ (call M: the wide-grid tiling, since reverted): kernel variants at
+      # a step's shapes, latency; every gemm on cuBLAS as a step option; the batch-256 reduce fusions (optimized HLO)
+    step step-shapes 90 python3 benchmarks/kernels.py --step-shapes 128x1030,256x1030 --out "$results/kernels"
+    latency_of current 80 256x1024
+    latency_of baseline 80 256x1024
+    step step-options 190 python3 -m benchmarks.step_options --cases 1x1024,256x1024 --variants engine,cublas-gemms \
+        --output-json "$results/step_options.json"
+    XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step_fn" step hlo-dump 80 \
+        python3 -m benchmarks.profile_decode --batch 256 --context 1024 >/tmp/hlo.log 2>&1
+    for f in /tmp/hlo/*step_fn*after_optimizations.txt; do  # the reduce fusions and the gemms that feed them
+        echo "### $f"
+        grep -E "reduce_fusion|cublas|gemm_fusion|triton_gemm" "$f" | grep -v "^ *//" | cut -c1-400 | head -60
+    done > "$results/reduce_fusions.txt"
+    ;;
+table-engine)  # the table's engine rows in one call: decode variants at longer contexts, latency (every case),
+              # a batch-256 profile, T1, T3-500
+    step step-shapes 60 python3 benchmarks/kernels.py --step-shapes 128x4100,256x4100 --out "$results/kernels"
+    latency_of current 150 1x32,1x1024,1x8192,64x1024,256x1024
+    profile_of 60 256
+    t1_of 160
+    t3_500_of current 90
+    ;;
+table-online)  # the table's other rows in one call: the HF ratio, start-up cold and warm, the serving table
+    hf_ratio
+    install_wheels || exit 1
+    startup_of 170
+    serving_of 250
+    ;;
+loading)  # a real safetensors checkpoint (written here, random): load_model with .baseline/ and the current code,
+         # then start-up cold and warm from it
+    ckpt=/tmp/jaxllm-checkpoint-8b
+    step loading-baseline 150 "${baseline[@]}" python3 -m benchmarks.loading --model "$model" --checkpoint-dir $ckpt \
+        --output-json "$results/loading_baseline.json"
+    step loading 80 python3 -m benchmarks.loading --model "$model" --checkpoint-dir $ckpt \
+        --output-json "$results/loading.json"
+    step loading-baseline-again 80 "${baseline[@]}" python3 -m benchmarks.loading --model "$model" \
+        --checkpoint-dir $ckpt --output-json "$results/loading_baseline_again.json"
+    install_wheels || exit 1
+    PYTHONPATH=.:/tmp/site step startup-safetensors 200 python3 -m benchmarks.startup --model $ckpt \
+        --load-format safetensors --dtype bfloat16 --output-json "$results/startup_safetensors.json"
+    ;;
+cachekeys)  # why a warm start from a safetensors checkpoint recompiled (call Q): the cache key's parts, cold vs warm,
+           # and the same start-up on .baseline/
+    ckpt=/tmp/jaxllm-checkpoint-8b
+    step checkpoint 90 python3 -m benchmarks.loading --model "$model" --checkpoint-dir $ckpt --loads 1
+    install_wheels || exit 1
+    JAX_DEBUG_LOG_MODULES=jax._src.cache_key,jax._src.compilation_cache PYTHONPATH=.:/tmp/site \
+        step startup-safetensors 150 python3 -m benchmarks.startup --model $ckpt --load-format safetensors \
+        --dtype bfloat16 --output-json "$results/startup_safetensors.json"
+    for f in /tmp/jaxllm-startup-*.log; do gzip -c "$f" > "$results/$(basename "$f").gz"; done
+    step startup-safetensors-baseline 150 env -C .baseline PYTHONPATH=.:/tmp/site python3 -m benchmarks.startup \
+        --model $ckpt --load-format safetensors --dtype bfloat16 --output-json "$results/startup_baseline.json"
     ;;
 tiling)  # a step option made the engine's default (call K: the whole gemm tiling search, since reverted): what it
          # costs a cold start, what it gives each step against .baseline/, T3-500

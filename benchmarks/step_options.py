@@ -34,6 +34,9 @@ VARIANTS = {  # options laid over the engine's own; None removes one, so XLA's d
     # Batch 256's o_proj (4096 x 4096) and qkv gemms ran as cuBLAS tiles of 128-192 x 128: 64-96 blocks on 132
     # SMs, 23-29 us each against ~12-18 us of their FLOPs. The autotuner's whole Triton tiling space (split-K too).
     "exhaustive-tiling": {"xla_gpu_exhaustive_tiling_search": True},
+    # Every gemm on cuBLAS: at batch 256 the autotuner took a Triton gemm for gate/up on one machine (94 us) and
+    # cuBLAS on another (87 us). Measured (ninth session, M): batch 256 -0.9%, batch 1 +7%, TTFT +3%.
+    "cublas-gemms": {"xla_gpu_enable_triton_gemm": False},
     "cublas-outside-graph": {
         "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"},
     # Tensor parallel only: the all-reduces outside the CUDA graph (XLA's default list), each splitting it in two;
