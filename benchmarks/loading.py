@@ -5,8 +5,8 @@
 No checkpoint can be downloaded here, so the first run writes one: the model's config.json, a synthetic tokenizer
 (benchmarks/synthetic_model.py: the directory also serves, e.g. to benchmarks.startup) and its weights in
 Hugging Face names and layout ([out, in] projections, bf16), random values, in shards of at most 5 GB with
-model.safetensors.index.json, as `save_pretrained` does. Then, in one process: the read ceiling (every shard read
-into host memory, from the page cache the write left warm), the host-to-device ceiling (one 1 GiB device_put), and
+model.safetensors.index.json, as `save_pretrained` does. Then, in one process, two single-stream ceilings (every
+shard read into host memory by one thread, from the page cache the write left warm; one 1 GiB device_put), and
 `load_model` itself, twice (the first load also compiles the on-device transpose programs), with the device memory
 in use and the largest free block after each (the KV cache is sized from them).
 """
