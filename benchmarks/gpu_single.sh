@@ -83,6 +83,16 @@ startup_of() {  # startup_of SECONDS: the real server launched cold, then warm, 
         --dtype bfloat16 --output-json "$results/startup.json"
 }
 
+checkpoint=/tmp/jaxllm-checkpoint-8b  # a real safetensors checkpoint of $model, written by benchmarks.loading
+
+startup_from_checkpoint_of() {  # ...of current|baseline SECONDS: startup_of, the server reading $checkpoint
+    local suffix="" dir=.
+    if [ "$1" = baseline ]; then suffix=_baseline dir=.baseline; fi
+    step "startup-safetensors${suffix//_/-}" "$2" env -C $dir PYTHONPATH=.:/tmp/site python3 -m benchmarks.startup \
+        --model $checkpoint --load-format safetensors --dtype bfloat16 \
+        --output-json "$results/startup_safetensors$suffix.json"
+}
+
 serving_of() {  # serving_of SECONDS: streaming clients against the real server, whose log is kept (needs the wheels)
     PYTHONPATH=.:/tmp/site step serving "$1" python3 -m benchmarks.serving --model "$model" --load-format dummy \
         --input-len 1024 --output-len 128 --num-prompts 200 --request-rates 1,4,16,inf --concurrencies 1,8,32,128 \
@@ -219,28 +229,22 @@ table-online)  # the table's other rows in one call: the HF ratio, start-up cold
     ;;
 loading)  # a real safetensors checkpoint (written here, random): load_model with .baseline/ and the current code,
          # then start-up cold and warm from it
-    ckpt=/tmp/jaxllm-checkpoint-8b
-    step loading-baseline 150 "${baseline[@]}" python3 -m benchmarks.loading --model "$model" --checkpoint-dir $ckpt \
-        --output-json "$results/loading_baseline.json"
-    step loading 80 python3 -m benchmarks.loading --model "$model" --checkpoint-dir $ckpt \
+    step loading-baseline 150 "${baseline[@]}" python3 -m benchmarks.loading --model "$model" \
+        --checkpoint-dir $checkpoint --output-json "$results/loading_baseline.json"
+    step loading 80 python3 -m benchmarks.loading --model "$model" --checkpoint-dir $checkpoint \
         --output-json "$results/loading.json"
     step loading-baseline-again 80 "${baseline[@]}" python3 -m benchmarks.loading --model "$model" \
-        --checkpoint-dir $ckpt --output-json "$results/loading_baseline_again.json"
+        --checkpoint-dir $checkpoint --output-json "$results/loading_baseline_again.json"
     install_wheels || exit 1
-    PYTHONPATH=.:/tmp/site step startup-safetensors 200 python3 -m benchmarks.startup --model $ckpt \
-        --load-format safetensors --dtype bfloat16 --output-json "$results/startup_safetensors.json"
+    startup_from_checkpoint_of current 200
     ;;
 cachekeys)  # why a warm start from a safetensors checkpoint recompiled (call Q): the cache key's parts, cold vs warm,
            # and the same start-up on .baseline/
-    ckpt=/tmp/jaxllm-checkpoint-8b
-    step checkpoint 90 python3 -m benchmarks.loading --model "$model" --checkpoint-dir $ckpt --loads 1
+    step checkpoint 90 python3 -m benchmarks.loading --model "$model" --checkpoint-dir $checkpoint --loads 1
     install_wheels || exit 1
-    JAX_DEBUG_LOG_MODULES=jax._src.cache_key,jax._src.compilation_cache PYTHONPATH=.:/tmp/site \
-        step startup-safetensors 150 python3 -m benchmarks.startup --model $ckpt --load-format safetensors \
-        --dtype bfloat16 --output-json "$results/startup_safetensors.json"
+    JAX_DEBUG_LOG_MODULES=jax._src.cache_key,jax._src.compilation_cache startup_from_checkpoint_of current 150
     for f in /tmp/jaxllm-startup-*.log; do gzip -c "$f" > "$results/$(basename "$f").gz"; done
-    step startup-safetensors-baseline 150 env -C .baseline PYTHONPATH=.:/tmp/site python3 -m benchmarks.startup \
-        --model $ckpt --load-format safetensors --dtype bfloat16 --output-json "$results/startup_baseline.json"
+    startup_from_checkpoint_of baseline 150
     ;;
 tiling)  # a step option made the engine's default (call K: the whole gemm tiling search, since reverted): what it
          # costs a cold start, what it gives each step against .baseline/, T3-500

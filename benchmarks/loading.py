@@ -22,6 +22,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from benchmarks.memory import snapshot
 from benchmarks.synthetic_model import make_model_dir
 from jaxllm.loading import load_model
 from jaxllm.model_config import ModelConfig
@@ -102,12 +103,6 @@ def host_to_device_ceiling() -> float:
     return host.nbytes / (time.perf_counter() - start)
 
 
-def memory() -> dict:
-    stats = jax.devices()[0].memory_stats() or {}
-    return {"in_use_gb": stats.get("bytes_in_use", 0) / GB,
-            "largest_free_block_gb": stats.get("largest_free_block_bytes", 0) / GB}
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
@@ -132,10 +127,9 @@ def main(argv=None) -> dict:
         jax.block_until_ready(params)
         seconds = time.perf_counter() - start
         nbytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
-        row = {"seconds": seconds, "gbps": nbytes / seconds / GB, "param_gb": nbytes / GB, **memory()}
-        report["loads"].append(row)
-        print(f"load_model: {seconds:.2f} s for {row['param_gb']:.2f} GB ({row['gbps']:.1f} GB/s); device memory in "
-              f"use {row['in_use_gb']:.2f} GB, largest free block {row['largest_free_block_gb']:.2f} GB", flush=True)
+        row = {"seconds": seconds, "gbps": nbytes / seconds / GB, "param_gb": nbytes / GB}
+        print(f"load_model: {seconds:.2f} s for {row['param_gb']:.2f} GB ({row['gbps']:.1f} GB/s)", flush=True)
+        report["loads"].append({**row, "memory": snapshot("after load_model", jax.devices()[:1])})
         del params
     if args.output_json:
         pathlib.Path(args.output_json).write_text(json.dumps(report, indent=2))

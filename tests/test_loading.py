@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from benchmarks import loading as loading_benchmark
 from jaxllm.loading import SafetensorsSource, dummy_params, load_model
 from jaxllm.model_config import ModelConfig
 from jaxllm.models import build_model
@@ -221,6 +222,23 @@ def test_loaders_create_fusion_parts_last_and_dummy_values_do_not_depend_on_that
         want = 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(5), j), shapes[j][1].shape)
         got = params[path] if "." not in path else params["layers"][int(path.split(".")[1])][path.split(".")[2]]
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
+def test_written_checkpoint_has_hugging_faces_names_and_shapes_in_shards_and_loads(tmp_path):
+    """benchmarks/loading.py's checkpoint writer writes what Hugging Face's save_pretrained wrote for the model."""
+    written = loading_benchmark.write_checkpoint(str(LLAMA3), str(tmp_path / "ckpt"), shard_bytes=100_000)
+    ours, theirs = hf_tensors(tmp_path / "ckpt"), hf_tensors(LLAMA3)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert written == sum(v.size for v in ours.values()) * 2  # bf16
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "ckpt").glob("*.safetensors"))
+    assert len(files) > 1 and sorted(set(index["weight_map"].values())) == files
+    assert set(index["weight_map"]) == set(ours)
+    weights = np.concatenate([v.ravel() for v in ours.values()])
+    assert 0.015 < weights.std() < 0.025 and np.count_nonzero(weights) > 0.99 * weights.size
+    _, params, _ = load_model(str(tmp_path / "ckpt"), dtype="float32")
+    np.testing.assert_array_equal(params["embed"], ours["model.embed_tokens.weight"])
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()  # it serves too (benchmarks.startup)
 
 
 def test_dummy_llama31_8b_shapes_without_allocating():
