@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_single.sh table-online  # the HF ratio, start-up cold and warm, the serving table
 #   bash benchmarks/gpu_single.sh loading  # a real safetensors checkpoint: load_model (with a baseline), start-up
 #                                          # (a warm start that adds compile-cache files recompiled: call Q)
+#   bash benchmarks/gpu_single.sh threads  # threaded loading's engine against .baseline/: latency (every case), T1
 #   bash benchmarks/gpu_single.sh cachekeys  # a warm start from safetensors: the compile cache keys, a baseline
 #   bash benchmarks/gpu_single.sh tiling   # a step-option change (made the engine's default) against .baseline/
 #   bash benchmarks/gpu_single.sh closing  # the latency table, the serving table with the server's log, T1
@@ -237,6 +238,12 @@ loading)  # a real safetensors checkpoint (written here, random): load_model wit
         --checkpoint-dir $checkpoint --output-json "$results/loading_baseline_again.json"
     install_wheels || exit 1
     startup_from_checkpoint_of current 200
+    ;;
+threads)  # the engine with threaded loading (its KV cache sized from resident bytes) against .baseline/, every
+         # latency case; T1
+    latency_of current 110 1x32,1x1024,1x8192,64x1024,256x1024
+    latency_of baseline 110 1x32,1x1024,1x8192,64x1024,256x1024
+    t1_of 120
     ;;
 cachekeys)  # why a warm start from a safetensors checkpoint recompiled (call Q): the cache key's parts, cold vs warm,
            # and the same start-up on .baseline/

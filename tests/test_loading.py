@@ -1,11 +1,13 @@
 """Weight loading: name maps, sharded/fused/tied checkpoints, dtypes, refusals, errors, dummy weights, placement."""
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ from benchmarks import loading as loading_benchmark
 from jaxllm.loading import SafetensorsSource, dummy_params, load_model
 from jaxllm.model_config import ModelConfig
 from jaxllm.models import build_model
-from jaxllm.models.fusion import parts_last
+from jaxllm.models.fusion import FusedProjection, create_parts_last, parts_last
 from jaxllm.models.weight_map import dotted
 from jaxllm.sharding import make_mesh, param_spec
 
@@ -239,6 +241,30 @@ def test_written_checkpoint_has_hugging_faces_names_and_shapes_in_shards_and_loa
     _, params, _ = load_model(str(tmp_path / "ckpt"), dtype="float32")
     np.testing.assert_array_equal(params["embed"], ours["model.embed_tokens.weight"])
     assert (tmp_path / "ckpt" / "tokenizer.json").is_file()  # it serves too (benchmarks.startup)
+
+
+def test_params_made_concurrently_still_finish_every_other_param_before_the_first_fusion_part():
+    """The loader places params from a thread pool; the parts (freed again by fusing) must still come after every
+    other param, or their holes would lie between the weights (parts_last)."""
+    paths = ["embed", "layers.0.q_proj", "layers.0.input_norm", "layers.0.k_proj", "final_norm"]
+    fusions = (FusedProjection("qkv_proj", ("q_proj", "k_proj")),)
+    events, lock = [], threading.Lock()
+
+    def create(i: int) -> str:
+        with lock:
+            events.append(("start", paths[i]))
+        if paths[i] == "embed":
+            threading.Event().wait(0.2)  # the slowest param: the parts must wait for it
+        with lock:
+            events.append(("end", paths[i]))
+        return paths[i].upper()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        made = create_parts_last(paths, fusions, create, map_fn=pool.map)
+    assert made == [p.upper() for p in paths]
+    ends = [k for k, (what, path) in enumerate(events) if what == "end" and "proj" not in path]
+    part_starts = [k for k, (what, path) in enumerate(events) if what == "start" and "proj" in path]
+    assert len(ends) == 3 and len(part_starts) == 2 and max(ends) < min(part_starts), events
 
 
 def test_dummy_llama31_8b_shapes_without_allocating():

@@ -2,9 +2,11 @@
 
 Every param is created with `jax.make_array_from_callback` and its final sharding: each device asks the source for
 only its own shard (`read(name, index)`), so no device, and no host buffer, ever holds a full copy it does not need.
+Several params are placed at once (a thread pool), all others before the first fusion part (`create_parts_last`).
 Safetensors directories, GGUF files (whose reader yields HF names and layouts) and test fakes are all sources.
 """
 
+import concurrent.futures
 import dataclasses
 from typing import Iterable, Protocol
 
@@ -18,6 +20,10 @@ from jaxllm.models.fusion import create_parts_last
 from jaxllm.models.weight_map import WeightRule, dotted, name_regex
 from jaxllm.sharding import make_mesh, param_sharding
 
+# Params placed at once: each thread copies its blocks out of the checkpoint (page faults: reads from disk) while
+# others' travel to the devices; numpy's copies and JAX's transfers run outside the GIL. On an H200, Llama-3.1-8B
+# from the page cache: 11.1-11.9 s one param at a time, 4.6 s on 8 threads (benchmarks/loading.py, RESULTS.md).
+_LOAD_THREADS = 8
 _DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
                 "half": jnp.float16}
 
@@ -111,7 +117,9 @@ def load_params(source: TensorSource, model, *, dtype="auto", mesh: Mesh | None 
         path, shape = paths[j], shapes[paths[j]]
         return _place(source, pieces[path], shape, param_sharding(path, shape, mesh, model.config), jnp.dtype(dtype))
 
-    return jax.tree_util.tree_unflatten(treedef, create_parts_last(paths, model.fused_projections, create))
+    with concurrent.futures.ThreadPoolExecutor(_LOAD_THREADS) as pool:
+        params = create_parts_last(paths, model.fused_projections, create, map_fn=pool.map)
+    return jax.tree_util.tree_unflatten(treedef, params)
 
 
 def _place(source: TensorSource, piece: _Piece, shape: tuple[int, ...], sharding: NamedSharding, dtype) -> jax.Array:

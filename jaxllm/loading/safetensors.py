@@ -46,7 +46,8 @@ class SafetensorsSource:
                 if entry["dtype"] not in _DTYPES:
                     raise ValueError(f"tensor {name!r} in {path} has unsupported dtype {entry['dtype']}")
                 self._entries[name] = (path, data_start, entry)
-        self._maps: dict[str, np.memmap] = {}
+        # Mapped once here, not on first read: the loader reads from several threads at once.
+        self._maps = {path: np.memmap(path, dtype=np.uint8, mode="r") for path in files}
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "SafetensorsSource":
@@ -81,8 +82,6 @@ class SafetensorsSource:
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """The tensor, or only `index` of it, as an owned numpy array in the checkpoint dtype."""
         path, data_start, entry = self._entries[name]
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
         raw = self._maps[path][data_start + begin:data_start + end]
         tensor = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])

@@ -32,9 +32,41 @@ def bytes_per_block(*, num_layers: int, kv_heads_per_device: int, head_dim: int,
     return 2 * num_layers * kv_heads_per_device * block_size * head_dim * itemsize
 
 
-def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_bytes: int) -> int:
-    """Bytes left for the KV cache on one device once the weights (already resident) and the largest step's
-    activations are accounted for.
+@dataclasses.dataclass(frozen=True)
+class ResidentMark:
+    """A device's memory in use, and its live arrays' bytes, before the engine made anything: the engine's resident
+    bytes later are the first plus what the second grew by.
+
+    Why not the allocator's "in use" after loading: it also counts buffers already dropped whose release waits for
+    the GPU to pass them (each transposed param's checkpoint-layout copy, the fused projections' parts), and how many
+    are still waiting varies from one start to the next. A cache sized from it came out 39,555 blocks on a cold start
+    and 39,316 on the warm one (Llama-3.1-8B, an H200, params placed from threads): every step program's shape
+    changed with it, and the warm start missed the compile cache (benchmarks/RESULTS.md, ninth session). The
+    largest free block (kv_budget_bytes) still depends on that timing; it decides only when memory is split."""
+
+    in_use: int
+    array_bytes: int
+
+    @classmethod
+    def take(cls, device: jax.Device) -> "ResidentMark | None":
+        """None where the device reports no allocator statistics (CPU)."""
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        return cls(stats["bytes_in_use"], device_array_bytes(device)) if stats else None
+
+    def resident_bytes(self, device: jax.Device) -> int:
+        return self.in_use + device_array_bytes(device) - self.array_bytes
+
+
+def device_array_bytes(device: jax.Device) -> int:
+    """Bytes of every live jax.Array's shard on `device`."""
+    return sum(math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+               for array in jax.live_arrays() if device in array.sharding.device_set)
+
+
+def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_bytes: int,
+                    resident: ResidentMark | None) -> int:
+    """Bytes left for the KV cache on one device once the engine's resident bytes (the weights, `resident`) and the
+    largest step's activations are accounted for.
 
     Free memory need not be usable: with params created in tree order, fusing the projections after loading left
     each layer's separate projections' space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B
@@ -45,10 +77,10 @@ def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_byte
     if config.kv_cache_memory_bytes is not None:
         return config.kv_cache_memory_bytes
     stats = device.memory_stats() if device.platform != "cpu" else None
-    if not stats:
+    if not stats or resident is None:
         return DEFAULT_CPU_KV_CACHE_BYTES
     limit = stats["bytes_limit"]
-    in_use = stats["bytes_in_use"]
+    in_use = resident.resident_bytes(device)
     budget = int(limit * config.gpu_memory_utilization) - in_use - activation_bytes
     largest = stats.get("largest_free_block_bytes")
     if largest is not None and largest - activation_bytes < budget:

@@ -64,6 +64,7 @@ class ModelRunner:
         if self.channel is not None and config.tensor_parallel_size != jax.device_count():
             raise ValueError(f"tensor_parallel_size ({config.tensor_parallel_size}) must equal the number of devices "
                              f"of all {jax.process_count()} nodes ({jax.device_count()}) in a multi-node run")
+        self._resident = kv_sizing.ResidentMark.take(self._local_device)
         progress("loading weights", 0, 1)
         self.model, self.params, self.model_config = load_model(
             model, dtype=_canonical_dtype(config.dtype), load_format=config.load_format,
@@ -108,6 +109,11 @@ class ModelRunner:
         self.swap_space = block_ops.HostSwapSpace()
         if not config.enforce_eager:
             self._compile_all(progress)
+
+    @property
+    def _local_device(self) -> jax.Device:
+        """This process's first device of the mesh: the one whose memory sizes the KV cache."""
+        return next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
 
     @property
     def kv_dtype(self):
@@ -159,7 +165,7 @@ class ModelRunner:
 
     def _plan_kv_cache(self) -> kv_sizing.KVPlan:
         model_max_len = self.model_config.max_position_embeddings
-        device = next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
+        device = self._local_device
         activation_bytes = 0
         if device.platform != "cpu" and self.config.kv_cache_memory_bytes is None:
             activation_bytes = self._activation_bytes(model_max_len)
@@ -168,7 +174,8 @@ class ModelRunner:
             kv_heads_per_device=self.kv_cache_heads // self.config.tensor_parallel_size,
             head_dim=self.model_config.head_dim, block_size=self.config.block_size,
             itemsize=jnp.dtype(self.kv_dtype).itemsize)
-        budget = kv_sizing.kv_budget_bytes(self.config, device, activation_bytes=activation_bytes)
+        budget = kv_sizing.kv_budget_bytes(self.config, device, activation_bytes=activation_bytes,
+                                           resident=self._resident)
         if self.channel is not None:  # every host's cache must have the same shape: the tightest host decides
             budget = int(np.min(multihost_utils.process_allgather(np.int32(budget >> 10)))) << 10  # KiB: i32
         return kv_sizing.plan_kv_cache(self.config, budget_bytes=budget, block_bytes=block_bytes,
