@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu_single.sh loading  # a real safetensors checkpoint: load_model (with a baseline), start-up
 #                                          # (a warm start that adds compile-cache files recompiled: call Q)
 #   bash benchmarks/gpu_single.sh threads  # threaded loading's engine against .baseline/: latency (every case), T1
+#   bash benchmarks/gpu_single.sh pages    # decode attention with the engine's page order vs scattered pages, a
+#                                          # batch-256 profile, the card's clocks meanwhile
 #   bash benchmarks/gpu_single.sh cachekeys  # a warm start from safetensors: the compile cache keys, a baseline
 #   bash benchmarks/gpu_single.sh tiling   # a step-option change (made the engine's default) against .baseline/
 #   bash benchmarks/gpu_single.sh closing  # the latency table, the serving table with the server's log, T1
@@ -244,6 +246,15 @@ threads)  # the engine with threaded loading (its KV cache sized from resident b
     latency_of current 110 1x32,1x1024,1x8192,64x1024,256x1024
     latency_of baseline 110 1x32,1x1024,1x8192,64x1024,256x1024
     t1_of 120
+    ;;
+pages)  # why the engine's batch-256 attention (279 us a layer, T) is slower than kernels.py's (266 us, M): the
+       # order of the pages, or the clocks under a whole step's load (nvidia-smi every 200 ms)
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -lms 200 > "$results/clocks.csv" &
+    step step-shapes 90 python3 benchmarks/kernels.py --step-shapes 256x1030 --page-orders random,ascending \
+        --out "$results/kernels"
+    profile_of 60 256
+    kill %1
     ;;
 cachekeys)  # why a warm start from a safetensors checkpoint recompiled (call Q): the cache key's parts, cold vs warm,
            # and the same start-up on .baseline/

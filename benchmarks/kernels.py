@@ -90,12 +90,17 @@ class DecodeShape:
     batch: int
     context: int
     cache_factor: int = 1  # the cache holds this many times the pages the tables use, as an engine's does
+    # "random": the used pages scattered over the cache; "ascending": each sequence's pages one after another, the
+    # sequences in turn, as the engine's block manager hands out a fresh cache's blocks.
+    page_order: str = "random"
 
     def build(self):
         pages_per_seq = -(-self.context // PAGE)
         num_pages = 1 + self.batch * pages_per_seq * self.cache_factor
-        rng = np.random.default_rng(self.batch * 7 + self.context)
-        used = rng.permutation(num_pages - 1)[:self.batch * pages_per_seq]
+        used = np.arange(num_pages - 1)
+        if self.page_order != "ascending":
+            used = np.random.default_rng(self.batch * 7 + self.context).permutation(used)
+        used = used[:self.batch * pages_per_seq]
         tables = (1 + used).reshape(self.batch, pages_per_seq).astype(np.int32)
         q = jax.random.normal(jax.random.key(3), (self.batch, N_HEADS, HEAD_DIM), jnp.bfloat16)
         return dict(q=q, k=random_pages(num_pages, 4), v=random_pages(num_pages, 5), tables=jnp.asarray(tables),
@@ -224,6 +229,8 @@ def main(argv=None):
     parser.add_argument("--step-shapes", default=None, metavar="BxC,...",
                         help="time only the decode variants at these shapes, in a cache 3x the pages used "
                              "(an engine step's contexts are rarely a multiple of the tile), then stop")
+    parser.add_argument("--page-orders", default="random", metavar="random,ascending",
+                        help="with --step-shapes: the orders of the used pages in the cache (DecodeShape)")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
     report = dict(device=device.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
@@ -245,11 +252,14 @@ def main(argv=None):
 
     if args.step_shapes:
         report["decode_step_shapes"] = {}
-        for batch, context in (map(int, shape.split("x")) for shape in args.step_shapes.split(",")):
-            row = time_decode(DecodeShape(batch, context, cache_factor=3), STEP_VARIANTS)
-            report["decode_step_shapes"][f"{batch}x{context}"] = row
-            print(f"decode step shape {batch}x{context}", json.dumps(row), flush=True)
-            save()
+        for shape in args.step_shapes.split(","):
+            batch, context = map(int, shape.split("x"))
+            for order in args.page_orders.split(","):
+                row = time_decode(DecodeShape(batch, context, cache_factor=3, page_order=order), STEP_VARIANTS)
+                name = shape if order == "random" else f"{shape} {order}"
+                report["decode_step_shapes"][name] = row
+                print(f"decode step shape {name}", json.dumps(row), flush=True)
+                save()
         return report
 
     decode_cfg, prefill_cfg = DecodeConfig(), RaggedConfig()
