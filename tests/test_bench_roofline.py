@@ -1,11 +1,15 @@
 """Benchmark bookkeeping: the offline-throughput roofline (FLOP time against weight + KV read time, checked by brute
-force) and latency.py's record of the garbage collections a timed run sat through."""
+force), latency.py's record of the garbage collections a timed run sat through, and kernels.py's page layouts."""
 
 import gc
 import math
 
+from benchmarks import kernels
 from benchmarks.latency import GcPauses
 from benchmarks.throughput import roofline
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduling.block_manager import BlockManager
+from jaxllm.scheduling.sequence import SequenceGroup
 
 
 def test_kv_reads_count_every_decode_pass_context():
@@ -31,3 +35,21 @@ def test_latency_records_the_collections_it_sat_through():
     gc.collect()  # after the block: not recorded
     assert [generation for generation, _ in pauses.pauses] == [2, 0]
     assert all(ms >= 0 for _, ms in pauses.pauses)
+
+
+def test_kernel_benchmark_pages_in_the_engines_order_are_the_block_managers():
+    """kernels.py's "ascending" decode shape lays the pages out as a fresh engine's block manager hands them out;
+    its scattered one uses as many distinct pages, anywhere in the cache but the null block."""
+    batch, context = 3, 40
+    bm = BlockManager(num_blocks=1 + 3 * batch * -(-context // kernels.PAGE), block_size=kernels.PAGE)
+    tables = []
+    for i in range(batch):
+        seq = SequenceGroup(f"r{i}", list(range(context)), SamplingParams(max_tokens=1)).seqs[0]
+        bm.allocate(seq, context)
+        tables.append(seq.block_table)
+    ascending = kernels.DecodeShape(batch, context, cache_factor=3, page_order="ascending").build()
+    assert ascending["tables"].tolist() == tables
+    scattered = kernels.DecodeShape(batch, context, cache_factor=3).build()
+    pages = scattered["tables"].ravel().tolist()
+    assert len(set(pages)) == len(pages) == batch * len(tables[0])
+    assert min(pages) >= 1 and max(pages) < scattered["k"].shape[1] and pages != sum(tables, [])
