@@ -98,8 +98,10 @@ class DecodeShape:
         pages_per_seq = -(-self.context // PAGE)
         num_pages = 1 + self.batch * pages_per_seq * self.cache_factor
         used = np.arange(num_pages - 1)
-        if self.page_order != "ascending":
+        if self.page_order == "random":
             used = np.random.default_rng(self.batch * 7 + self.context).permutation(used)
+        elif self.page_order != "ascending":
+            raise ValueError(f"page order {self.page_order!r}: random or ascending")
         used = used[:self.batch * pages_per_seq]
         tables = (1 + used).reshape(self.batch, pages_per_seq).astype(np.int32)
         q = jax.random.normal(jax.random.key(3), (self.batch, N_HEADS, HEAD_DIM), jnp.bfloat16)
