@@ -21,7 +21,7 @@ from benchmarks import loading as loading_benchmark
 from jaxllm.loading import SafetensorsSource, dummy_params, load_model
 from jaxllm.model_config import ModelConfig
 from jaxllm.models import build_model
-from jaxllm.models.fusion import FusedProjection, create_parts_last, parts_last
+from jaxllm.models.fusion import FusedProjection, create_parts_last
 from jaxllm.models.weight_map import dotted
 from jaxllm.sharding import make_mesh, param_spec
 
@@ -210,7 +210,8 @@ def test_loaders_create_fusion_parts_last_and_dummy_values_do_not_depend_on_that
     model = build_model(ModelConfig.from_pretrained(QWEN2))
     shapes = jax.tree_util.tree_flatten_with_path(model.param_shapes(jnp.float32))[0]
     paths = [dotted(keypath) for keypath, _ in shapes]
-    order = parts_last(paths, model.fused_projections)
+    order = []
+    create_parts_last(paths, model.fused_projections, order.append)  # the calls' order
     parts = {part for fusion in model.fused_projections for part in fusion.parts}
     is_part = [paths[j].rsplit(".", 1)[-1] in parts for j in order]
     assert sorted(order) == list(range(len(paths))) and any(is_part) and not all(is_part)
@@ -245,7 +246,7 @@ def test_written_checkpoint_has_hugging_faces_names_and_shapes_in_shards_and_loa
 
 def test_params_made_concurrently_still_finish_every_other_param_before_the_first_fusion_part():
     """The loader places params from a thread pool; the parts (freed again by fusing) must still come after every
-    other param, or their holes would lie between the weights (parts_last)."""
+    other param, or their holes would lie between the weights (create_parts_last)."""
     paths = ["embed", "layers.0.q_proj", "layers.0.input_norm", "layers.0.k_proj", "final_norm"]
     fusions = (FusedProjection("qkv_proj", ("q_proj", "k_proj")),)
     events, lock = [], threading.Lock()

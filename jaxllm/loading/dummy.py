@@ -2,7 +2,7 @@
 
 Jitted programs with `out_shardings` generate every param where it will live, so even Llama-3.1-8B shapes never
 build a host array; each param's key is `fold_in(key(seed), leaf number)`, so values do not depend on how the params
-are sharded, nor on the order they are made in (fusion's parts last: models/fusion.py parts_last).
+are sharded, nor on the order they are made in (fusion's parts last: models/fusion.py create_parts_last).
 """
 
 import jax

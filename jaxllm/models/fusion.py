@@ -36,27 +36,21 @@ class FusedProjection:
     parts: tuple[str, ...]  # checkpoint-layout params [I, O_i] / [O_i], concatenated per shard in this order
 
 
-def parts_last(paths: Sequence[str], fusions: tuple[FusedProjection, ...]) -> list[int]:
-    """The order in which loaders create params (indices into `paths`, dotted param paths): every fusion part after
-    all other params, each group in its own order. `fuse_params` then frees the parts, and their space is one free
-    block, or holes the next layers' fused params fill, rather than holes between the weights too small for the
-    KV cache (created in tree order, 7.3 GB of an H200's free memory for Llama-3.1-8B: kv_sizing)."""
-    others, parts = _others_and_parts(paths, fusions)
-    return others + parts
-
-
-def _others_and_parts(paths: Sequence[str], fusions: tuple[FusedProjection, ...]) -> tuple[list[int], list[int]]:
-    parts = {part for fusion in fusions for part in fusion.parts}
-    is_part = [path.rsplit(".", 1)[-1] in parts for path in paths]
-    return [i for i, p in enumerate(is_part) if not p], [i for i, p in enumerate(is_part) if p]
-
-
 def create_parts_last(paths: Sequence[str], fusions: tuple[FusedProjection, ...], create: Callable[[int], T], *,
                       map_fn=map) -> list[T]:
-    """[create(i) for each of `paths`], in tree order, with the calls made in `parts_last` order: every other param
-    before the first fusion part. `map_fn` (a thread pool's map, say) may run the calls of each group at once."""
+    """[create(i) for each of `paths` (dotted param paths)], in tree order, with the calls made in two groups: every
+    other param, then the fusion parts, each group in tree order. `map_fn` (a thread pool's map, say) may run the
+    calls of a group at once; the parts still wait for every other param.
+
+    Why: `fuse_params` frees the parts, and their space is then one free block, or holes the next layers' fused
+    params fill, rather than holes between the weights too small for the KV cache (created in tree order, 7.3 GB
+    of an H200's free memory for Llama-3.1-8B: kv_sizing)."""
+    part_names = {part for fusion in fusions for part in fusion.parts}
+    is_part = [path.rsplit(".", 1)[-1] in part_names for path in paths]
+    others = [i for i, p in enumerate(is_part) if not p]
+    parts = [i for i, p in enumerate(is_part) if p]
     made: list = [None] * len(paths)
-    for group in _others_and_parts(paths, fusions):
+    for group in (others, parts):
         for i, value in zip(group, map_fn(create, group)):
             made[i] = value
     return made

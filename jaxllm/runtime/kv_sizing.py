@@ -50,11 +50,15 @@ class ResidentMark:
     @classmethod
     def take(cls, device: jax.Device) -> "ResidentMark | None":
         """None where the device reports no allocator statistics (CPU)."""
-        stats = device.memory_stats() if device.platform != "cpu" else None
+        stats = _allocator_stats(device)
         return cls(stats["bytes_in_use"], device_array_bytes(device)) if stats else None
 
     def resident_bytes(self, device: jax.Device) -> int:
         return self.in_use + device_array_bytes(device) - self.array_bytes
+
+
+def _allocator_stats(device: jax.Device) -> dict | None:
+    return device.memory_stats() if device.platform != "cpu" else None
 
 
 def device_array_bytes(device: jax.Device) -> int:
@@ -72,11 +76,11 @@ def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_byte
     each layer's separate projections' space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B
     on an H200, benchmarks/memory.py), smaller than one layer's share of the cache; at 70B / tp 4 an estimated
     ~18 GB a device, and a cache sized from the free total left the allocator failing. The loaders now create those
-    params last (fusion.parts_last), and whatever holes remain, the cache and after it the step's temporaries (one
+    params last (fusion.create_parts_last), and whatever holes remain, the cache and after it the step's temporaries (one
     contiguous buffer) are sized to come out of the largest free block."""
     if config.kv_cache_memory_bytes is not None:
         return config.kv_cache_memory_bytes
-    stats = device.memory_stats() if device.platform != "cpu" else None
+    stats = _allocator_stats(device)
     if not stats or resident is None:
         return DEFAULT_CPU_KV_CACHE_BYTES
     limit = stats["bytes_limit"]
