@@ -29,13 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.roofline import copy_bandwidth, matmul_rate, read_bandwidth
-from pallas_kernels.decode_attention import DecodeConfig
+from pallas_kernels.decode_attention_kernel import DecodeConfig
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
-from pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention,
-    ragged_paged_attention_reference,
-    write_kv,
-)
+from pallas_kernels.kv_write import write_kv
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 from jax.experimental.pallas.ops.gpu import attention as jax_attention  # noqa: E402

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models.layers import rms_norm
-from pallas_kernels.add_rms_norm import add_rms_norm_triton
+from pallas_kernels.add_rms_norm_kernel import add_rms_norm_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
-from pallas_kernels.ragged_batch import make_ragged_batch
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from tests.ragged_batch import make_ragged_batch
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 from pallas_kernels.rotary_kv import rotary_write_kv
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}

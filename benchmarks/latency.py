@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--kernel-backend", default="auto")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (the baseline)")
     parser.add_argument("--disable-custom-all-reduce", action="store_true", help="TP all-reduces on NCCL only")
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                     enforce_eager=True, skip_tokenizer_init=True, max_model_len=16384,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                    attention_backend=args.attention_backend,
+                                    kernel_backend=args.kernel_backend,
                                     async_scheduling=not args.no_async_scheduling,
                                     tensor_parallel_size=args.tensor_parallel_size,
                                     disable_custom_all_reduce=args.disable_custom_all_reduce))

@@ -10,6 +10,8 @@ _BLOCK_SIZES = (8, 16, 32, 64)
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
 # The chunked-prefill token budget when none is given (vLLM uses 8192-16384 on 80 GB cards; the CPU is far slower).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"gpu": 8192, "cpu": 512}
+# Old option names, still accepted by LLM(...) and `jaxllm serve`.
+ALIASES = {"attention_backend": "kernel_backend"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +36,15 @@ class EngineConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # .bin/.pt checkpoints are pickles: refused unless explicitly allowed
     kv_cache_memory_bytes: int | None = None  # fixes the KV cache size instead of measuring free device memory
-    attention_backend: str = "auto"  # auto | reference | xla | triton
+    kernel_backend: str = "auto"  # auto | reference | xla | triton
     max_logprobs: int = 20
     max_num_queued_reqs: int | None = None
     served_model_name: str | None = None
     async_scheduling: bool = True  # dispatch step N + 1 before reading step N's tokens (off: one step at a time)
     skip_tokenizer_init: bool = False  # token ids in and out, no text (benchmarks on config-only dummy models)
+    # Process-wide side effects of building an engine, on by default:
+    compile_cache: bool = True  # JAX's persistent compilation cache in a user-private directory (compile_cache.py)
+    freeze_gc: bool = True  # gc.freeze() what start-up (and each new batch shape's first step) left: no GC pauses
     # TP on one GPU host: the step's all-reduces may use XLA's collective kernels instead of NCCL (in place of
     # vLLM's custom all-reduce); True keeps them all on NCCL (runtime/compiler_options.py)
     disable_custom_all_reduce: bool = False
@@ -66,7 +71,7 @@ class EngineConfig:
         _require(self.swap_space >= 0, "swap_space", "must be >= 0")
         _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
                  "must be > 0")
-        _require(self.attention_backend in ("auto", "reference", "xla", "triton"), "attention_backend",
+        _require(self.kernel_backend in ("auto", "reference", "xla", "triton"), "kernel_backend",
                  "must be auto, reference, xla or triton")
         _require(0 <= self.max_logprobs <= 20, "max_logprobs", "must be in [0, 20]")
         _require(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
@@ -83,8 +88,15 @@ class EngineConfig:
             # vLLM V1 always does.
             object.__setattr__(self, "swap_space", 0)
 
-    def replace(self, **changes) -> "EngineConfig":
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """The constructor, also taking the old names of ALIASES."""
+        for old, new in ALIASES.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise ValueError(f"{old} is the old name of {new}: give only one of them")
+                kwargs[new] = kwargs.pop(old)
+        return cls(**kwargs)
 
 
 def _require(ok: bool, field: str, message: str):

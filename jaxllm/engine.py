@@ -16,7 +16,7 @@ from collections.abc import Callable
 from jaxllm.config import EngineConfig
 from jaxllm.default_model import default_model_name, default_model_path
 from jaxllm.loading import is_gguf_file, read_gguf_file
-from jaxllm.output_processor import OutputProcessor
+from jaxllm.text.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.progress import TqdmProgress
 from jaxllm.runtime.inputs import SeqWork, feed
@@ -27,7 +27,7 @@ from jaxllm.scheduling.block_manager import BlockManager
 from jaxllm.scheduling.scheduler import Scheduler
 from jaxllm.scheduling.scheduler_output import SchedulerOutput
 from jaxllm.scheduling.sequence import SequenceGroup, SequenceStatus
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.text.tokenizer import Tokenizer
 from jaxllm.validation import validate_request
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,10 @@ class LLMEngine:
         # What start-up left (~160k objects: jax, the tokenizer, the model's tables) lives as long as the engine.
         # Left to the cyclic collector, each full collection walked all of it: a ~100 ms pause every ~150 steps at
         # 256 sequences on a 2-core CPU (0.7 ms a step on average), ~1 ms once frozen. vLLM freezes too.
-        gc.collect()
-        gc.freeze()
         self._frozen_layouts = self.runner.num_layouts_run
+        if config.freeze_gc:
+            gc.collect()
+            gc.freeze()
 
     def process_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
                         arrival_time: float | None = None, cache_salt: str | None = None) -> ProcessedRequest:
@@ -197,7 +198,8 @@ class LLMEngine:
         caches of it are then walked by every full collection. On an H200 one such collection, 48 ms, stalled a
         batch-256 step (RESULTS.md). Only when no request is alive: a frozen request's reference cycles
         (Sequence <-> SequenceGroup) would never be collected."""
-        if self.scheduler.has_unfinished() or self.runner.num_layouts_run == self._frozen_layouts:
+        if (not self.config.freeze_gc or self.scheduler.has_unfinished()
+                or self.runner.num_layouts_run == self._frozen_layouts):
             return
         self._frozen_layouts = self.runner.num_layouts_run
         gc.collect()
@@ -356,7 +358,8 @@ class LLMEngine:
             self.runner.fetch(self._in_flight.pending)
             self._in_flight = None
         self.runner.close()
-        gc.unfreeze()  # what the engine held can be collected again (another engine's heap then is too: no harm)
+        if self.config.freeze_gc:
+            gc.unfreeze()  # what the engine held can be collected again (another engine's heap then is too: no harm)
 
 
 def _needs_prompt_logprobs(s) -> bool:

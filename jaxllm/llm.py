@@ -18,7 +18,7 @@ class LLM:
     """An engine for offline batched generation. Also a context manager; `close()` frees device memory."""
 
     def __init__(self, model: str | None = None, **kwargs):
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -11,79 +11,12 @@ with a sliding window W, to positions > its own - W).
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.backend import REFERENCE, XLA, resolve_backend
-from pallas_kernels.chunked_attention import ragged_paged_attention_chunked
-from pallas_kernels.positions import token_positions
-from pallas_kernels.decode_attention import DecodeConfig, decode_attention_triton
+from pallas_kernels.decode_attention_kernel import DecodeConfig, decode_attention_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig, ragged_attention_triton
-
-
-def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
-    """Write the step's new keys/values into their slots. With donated pages XLA updates them in place.
-
-    k_pages, v_pages: [K, P, B, H]; k, v: [T, K, H]; slot_mapping: i32[T] (page * B + offset).
-    """
-    page_size = k_pages.shape[2]
-    page, offset = slot_mapping // page_size, slot_mapping % page_size
-
-    # Index the 4-D pages directly: scattering through a reshaped (bitcast) view made XLA copy the whole cache
-    # whenever the same step also read it back (seen on CPU, 2026-11-27).
-    def write(pages, new):
-        return pages.at[:, page, offset].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
-
-    return write(k_pages, k), write(v_pages, v)
-
-
-def ragged_paged_attention_reference(
-    q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [K, P, B, H]
-    v_pages: jax.Array,  # [K, P, B, H]
-    block_tables: jax.Array,  # i32[S, M]
-    seq_lens: jax.Array,  # i32[S]
-    query_start_loc: jax.Array,  # i32[S + 1]
-    *,
-    scale: float,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-    token_chunk: int = 64,
-) -> jax.Array:  # [T, N, H]
-    """Pure-jnp reference, the oracle of the kernel tests: gathers each token's whole block-table width of context
-    from the pages (the chunked XLA path in chunked_attention.py is the CPU serving path).
-
-    Tokens are processed in chunks of `token_chunk` so the gathered context stays bounded in memory.
-    """
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
-    pages_per_seq = block_tables.shape[1]
-    group = num_q_heads // num_kv_heads
-    context = pages_per_seq * page_size
-
-    seq, q_pos, is_real = token_positions(seq_lens, query_start_loc, num_tokens)
-
-    k_flat = k_pages.reshape(num_kv_heads, -1, head_dim)
-    v_flat = v_pages.reshape(num_kv_heads, -1, head_dim)
-    kv_pos = jnp.arange(context, dtype=jnp.int32)  # [C]
-
-    def attend(args):
-        q_t, seq_t, pos_t = args  # [N, H], [], []
-        slots = block_tables[seq_t][kv_pos // page_size] * page_size + kv_pos % page_size  # [C]
-        k_ctx = k_flat[:, slots].astype(jnp.float32)  # [K, C, H]
-        v_ctx = v_flat[:, slots].astype(jnp.float32)
-        q_g = q_t.reshape(num_kv_heads, group, head_dim).astype(jnp.float32)
-        logits = jnp.einsum("KGH,KCH->KGC", q_g, k_ctx) * scale
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        visible = kv_pos <= pos_t
-        if sliding_window is not None:
-            visible &= kv_pos > pos_t - sliding_window
-        logits = jnp.where(visible, logits, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)
-        return jnp.einsum("KGC,KCH->KGH", probs, v_ctx).reshape(num_q_heads, head_dim)
-
-    out = jax.lax.map(attend, (q, seq, q_pos), batch_size=min(token_chunk, num_tokens))
-    return jnp.where(is_real[:, None, None], out, 0).astype(q.dtype)
+from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_chunked
 
 
 def _check_shapes(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc):

@@ -1,38 +1,15 @@
-"""Rotary position embedding of the new queries and keys, and the write of the new keys and values into the paged
-KV cache, in one Pallas (Triton lowering) kernel.
+"""Rotary position embedding of the new queries and keys plus the write of the new keys and values into the paged
+KV cache: the jitted entry (the Pallas kernel in rotary_kv_kernel.py, the jnp expression in rotary_kv_reference.py).
 
 Legend: T tokens, N q-heads, K kv-heads, H head_dim, R = H // 2 rotary frequencies, P pages, B tokens per page,
 W = (N + 2K) * H the width of one token's fused q/k/v projection (q heads, then k heads, then v heads).
-
-After the fused q/k/v projection, XLA:GPU runs a layer's rotary as three kernels and the two cache writes as two
-more, each a ~1-2 us launch at batch 1 (RESULTS.md, fifth session: 5 of a layer's 17 kernels). Here one program
-per token and part reads its share of the token's projection row once: the q heads, rotated, into q; the k heads,
-rotated, and the v heads into the cache slot `slot_mapping[t]`. The pages are updated in place (aliased in and out).
-
-Numerics: the rotation is computed in float32 from the rounded cos/sin and rounded once to the output dtype. XLA's
-bf16 expression rounds differently: on an H200 68% of the rotated q elements are bit-equal to it and the rest one
-bf16 rounding apart (benchmarks/kernels_check.py); in float32 the two agree exactly.
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import attention_tile as tile
 from pallas_kernels.backend import TRITON, resolve_backend
-from pallas_kernels.ragged_paged_attention import write_kv
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [T, N, H]; cos, sin [T, R]. Hugging Face's rotate_half convention: dims i and i + R form a pair (not
-    interleaved). The expression the kernel is tested against, and the path of every other backend."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # [T, N, R] each
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+from pallas_kernels.rotary_kv_kernel import rotary_write_kv_triton
+from pallas_kernels.rotary_kv_reference import rotary_write_kv_reference
 
 
 def rotary_write_kv(
@@ -48,77 +25,13 @@ def rotary_write_kv(
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # q [T, N, H] rotated, k_pages', v_pages'
     """Rotate q and k, write k and v into their slots; the pages are updated in place when the caller donates
-    them. backend: "triton" (the kernel), anything else the jnp expression (apply_rotary, then write_kv)."""
+    them. backend: "triton" (the kernel), anything else the jnp expression (rotary_kv_reference.py)."""
     num_tokens, width = qkv.shape
     num_kv_heads, _, _, head_dim = k_pages.shape
     if width != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qkv rows of {width} do not hold {num_q_heads} q-heads and 2 x {num_kv_heads} kv-heads "
                          f"of an even head_dim {head_dim}")
     if resolve_backend(backend) == TRITON:
-        return _rotary_write_kv_triton(qkv, cos, sin, k_pages, v_pages, slot_mapping, num_q_heads=num_q_heads,
+        return rotary_write_kv_triton(qkv, cos, sin, k_pages, v_pages, slot_mapping, num_q_heads=num_q_heads,
                                        interpret=interpret)
-    heads = qkv.reshape(num_tokens, -1, head_dim)
-    q = apply_rotary(heads[:, :num_q_heads], cos, sin)
-    key = apply_rotary(heads[:, num_q_heads:num_q_heads + num_kv_heads], cos, sin)
-    k_pages, v_pages = write_kv(k_pages, v_pages, key, heads[:, num_q_heads + num_kv_heads:], slot_mapping)
-    return q, k_pages, v_pages
-
-
-def _rotate(x_ref, cos_ref, sin_ref, t, heads: jax.Array, last_head: int):
-    """Rows `heads` (clamped to last_head) of token t's projection, rotated: (first halves, second halves), each
-    [Np, Rp] in float32."""
-    half = cos_ref.shape[1]
-    cos = tile.gather_rows(cos_ref, (t,), half).astype(jnp.float32)  # [1, Rp]
-    sin = tile.gather_rows(sin_ref, (t,), half).astype(jnp.float32)
-    rows = (t, jnp.minimum(heads, last_head))
-    x1 = tile.gather_rows(x_ref, rows, half).astype(jnp.float32)
-    x2 = tile.gather_rows(x_ref, rows, half, first_column=half).astype(jnp.float32)
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-
-def _kernel(slot_ref, qkv_ref, cos_ref, sin_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *, num_q_heads: int,
-            num_kv_heads: int):
-    """Program (t, part): token t's q heads (part 0), k heads (1) or v heads (2), so that a batch-1 step's three
-    short chains of loads and stores run side by side."""
-    # qkv_ref [T, N + 2K, H]; cos_ref, sin_ref [T, R]; q_ref [T, N, H]; k_ref, v_ref [K, P * B, H] (the pages)
-    t, part = pl.program_id(0), pl.program_id(1)
-    half = cos_ref.shape[1]
-    kv_heads = jnp.arange(pl.next_power_of_2(num_kv_heads), dtype=jnp.int32)
-    kv_ok = kv_heads < num_kv_heads
-
-    @pl.when(part == 0)
-    def _():
-        heads = jnp.arange(pl.next_power_of_2(num_q_heads), dtype=jnp.int32)
-        q1, q2 = _rotate(qkv_ref, cos_ref, sin_ref, t, heads, num_q_heads - 1)
-        tile.scatter_rows(q_ref, (t, heads), q1, heads < num_q_heads, half)
-        tile.scatter_rows(q_ref, (t, heads), q2, heads < num_q_heads, half, first_column=half)
-
-    @pl.when(part == 1)
-    def _():
-        k1, k2 = _rotate(qkv_ref, cos_ref, sin_ref, t, num_q_heads + kv_heads, num_q_heads + num_kv_heads - 1)
-        tile.scatter_rows(k_ref, (kv_heads, slot_ref[t]), k1, kv_ok, half)
-        tile.scatter_rows(k_ref, (kv_heads, slot_ref[t]), k2, kv_ok, half, first_column=half)
-
-    @pl.when(part == 2)
-    def _():
-        rows = jnp.minimum(num_q_heads + num_kv_heads + kv_heads, num_q_heads + 2 * num_kv_heads - 1)
-        v = tile.gather_rows(qkv_ref, (t, rows), 2 * half)
-        tile.scatter_rows(v_ref, (kv_heads, slot_ref[t]), v, kv_ok, 2 * half)
-
-
-def _rotary_write_kv_triton(qkv, cos, sin, k_pages, v_pages, slot_mapping, *, num_q_heads: int,
-                            interpret: bool = False):
-    num_tokens = qkv.shape[0]
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    flat = (num_kv_heads, num_pages * page_size, head_dim)
-    q, k_flat, v_flat = pl.pallas_call(
-        functools.partial(_kernel, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads),
-        grid=(num_tokens, 3),
-        out_shape=(jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), qkv.dtype),
-                   jax.ShapeDtypeStruct(flat, k_pages.dtype), jax.ShapeDtypeStruct(flat, v_pages.dtype)),
-        input_output_aliases={4: 1, 5: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=4),
-        interpret=interpret,
-        name="rotary_write_kv",
-    )(slot_mapping, qkv.reshape(num_tokens, -1, head_dim), cos, sin, k_pages.reshape(flat), v_pages.reshape(flat))
-    return q, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+    return rotary_write_kv_reference(qkv, cos, sin, k_pages, v_pages, slot_mapping, num_q_heads=num_q_heads)

@@ -96,7 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
                                                                    "never serve HTTP")
     engine.add_argument("--allow-pickle", action="store_true",
                         help="allow .bin/.pt (pickle) checkpoints; refused by default, they can run code on load")
-    engine.add_argument("--attention-backend", choices=["auto", "reference", "xla", "triton"], default="auto")
+    engine.add_argument("--kernel-backend", "--attention-backend", choices=["auto", "reference", "xla", "triton"], default="auto")
     engine.add_argument("--disable-custom-all-reduce", action="store_true",
                         help="with -tp > 1 on GPU, keep every all-reduce on NCCL instead of XLA's collective kernels")
     engine.add_argument("--kv-cache-memory-bytes", type=_human_int, default=None,
@@ -130,7 +130,7 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, swap_space=args.swap_space,
         enforce_eager=args.enforce_eager, seed=args.seed, load_format=args.load_format,
         enable_prefix_caching=args.enable_prefix_caching, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle, attention_backend=args.attention_backend,
+        allow_pickle=args.allow_pickle, kernel_backend=args.kernel_backend,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_logprobs=args.max_logprobs,
         max_num_queued_reqs=args.max_num_queued_reqs, disable_custom_all_reduce=args.disable_custom_all_reduce,
         served_model_name=args.served_model_name[0] if args.served_model_name else None,

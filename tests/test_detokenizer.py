@@ -8,10 +8,10 @@ import pytest
 import tokenizers
 
 from jaxllm.default_model import default_model_path
-from jaxllm.detokenizer import MAX_HELD_TOKENS, DetokenizerState, IncrementalDetokenizer, detokenize_step
-from jaxllm.loading.gguf_tokenizer import bytes_to_unicode
-from jaxllm.stop_strings import check_stop_strings
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.text.detokenizer import MAX_HELD_TOKENS, DetokenizerState, IncrementalDetokenizer, detokenize_step
+from jaxllm.text.gguf_tokenizer import bytes_to_unicode
+from jaxllm.text.stop_strings import check_stop_strings
+from jaxllm.text.tokenizer import Tokenizer
 
 TINY = pathlib.Path(__file__).parent / "fixtures" / "llama3"
 TEXTS = ["The river keeps its own time. ", "日本語のテキスト", "你好，世界! ", "🙂👍🏽🎉 ", "Café naïve über straße ",

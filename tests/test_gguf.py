@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize
 from jaxllm.default_model import DEFAULT_MODEL_NAME, default_model_name, default_model_path
 from jaxllm.loading.gguf import permute_qk, read_gguf, unpermute_qk
 from jaxllm.loading.gguf_file import read_gguf_file
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.text.tokenizer import Tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "smollm2_gguf.json"

@@ -11,7 +11,7 @@ CHILD = r"""
 import functools
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from pallas_kernels.ragged_batch import make_ragged_batch
+from ragged_batch import make_ragged_batch
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.rotary_kv import rotary_write_kv
 from pallas_kernels.sharded import ragged_paged_attention_sharded, rotary_write_kv_sharded
@@ -75,7 +75,7 @@ print("SHARDED OK")
 def test_sharded_attention_and_write_match_unsharded():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=root, capture_output=True, text=True,
                            timeout=300)
     assert child.returncode == 0 and "SHARDED OK" in child.stdout, child.stdout[-3000:] + child.stderr[-3000:]

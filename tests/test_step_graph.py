@@ -33,7 +33,7 @@ def _primitives_outside_kernels(jaxpr) -> list[str]:
 
 def test_the_gpu_step_has_no_host_driven_loops():
     engine = LLMEngine(EngineConfig(model="tests/fixtures/llama3", dtype="float32", enforce_eager=True,
-                                    attention_backend="triton", max_model_len=64, kv_cache_memory_bytes=1 << 21,
+                                    kernel_backend="triton", max_model_len=64, kv_cache_memory_bytes=1 << 21,
                                     max_num_seqs=4, max_num_batched_tokens=32, skip_tokenizer_init=True))
     try:
         runner = engine.runner

@@ -229,7 +229,7 @@ def test_server_with_tp2_serves_the_tp1_greedy_completion(monkeypatch):
 
     golden = np.load(FIXTURES / "llama3" / "golden.npz")
     prompt, want_ids = golden["prompt_1"].tolist(), golden["greedy_1"].tolist()  # TP = 1's tokens (test above)
-    from jaxllm.tokenizer import Tokenizer
+    from jaxllm.text.tokenizer import Tokenizer
 
     want_text = Tokenizer.from_pretrained(str(FIXTURES / "llama3")).decode(want_ids)
     monkeypatch.setenv("XLA_FLAGS", FOUR_DEVICES)  # the harness passes this process's environment on

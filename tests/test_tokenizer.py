@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from jaxllm.default_model import default_model_path
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.text.tokenizer import Tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "smollm2_gguf.json"

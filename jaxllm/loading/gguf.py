@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from jaxllm.loading.gguf_file import GGUFTensorInfo, read_gguf_file
-from jaxllm.loading.gguf_tokenizer import GGUFTokenizerInfo, build_gguf_tokenizer
+from jaxllm.text.gguf_tokenizer import GGUFTokenizerInfo, build_gguf_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

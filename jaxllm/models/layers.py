@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels import add_rms_norm as fused_norm
+from pallas_kernels import add_rms_norm_kernel as fused_norm
 from pallas_kernels.backend import TRITON, resolve_backend
 
 from jaxllm import sharding
@@ -33,7 +33,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, eps: float, *, backend: str = "auto",
                  mesh: Mesh | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The residual stream's step: (x + h, rms_norm(x + h)); x, h [T, D]. On the Triton backend one kernel
-    (pallas_kernels.add_rms_norm) instead of XLA's three, under tensor parallelism on each device's replicated
+    (pallas_kernels.add_rms_norm_kernel) instead of XLA's three, under tensor parallelism on each device's replicated
     copy; elsewhere, and for hidden sizes the kernel does not take, the expression itself."""
     if resolve_backend(backend) != TRITON or not fused_norm.supports(x.shape[-1]):
         total = x + h

@@ -88,7 +88,7 @@ class LlamaForCausalLM:
 
     config: ModelConfig
     mesh: Mesh | None = None  # where the params live; attention runs under shard_map over its "tp" axis
-    attention_backend: str = "auto"  # pallas_kernels backend: "auto" (from the device) | "reference" | "triton"
+    kernel_backend: str = "auto"  # pallas_kernels backend: "auto" (from the device) | "reference" | "triton"
 
     weight_map: ClassVar[tuple[WeightRule, ...]] = WEIGHT_MAP
     ignored_weights: ClassVar[tuple[str, ...]] = IGNORED
@@ -135,13 +135,13 @@ class LlamaForCausalLM:
         """
         k_pages, v_pages, h = attention(
             p, k_pages, v_pages, normed, cos, sin, metadata, config=self.config, sliding_window=sliding_window,
-            backend=self.attention_backend, mesh=self.mesh)
+            backend=self.kernel_backend, mesh=self.mesh)
         x, normed = self._add_norm(x, h, p["post_norm"])
         x, normed = self._add_norm(x, mlp(p, normed), next_norm)
         return k_pages, v_pages, x, normed
 
     def _add_norm(self, x: jax.Array, h: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return add_rms_norm(x, h, weight, self.config.rms_norm_eps, backend=self.attention_backend, mesh=self.mesh)
+        return add_rms_norm(x, h, weight, self.config.rms_norm_eps, backend=self.kernel_backend, mesh=self.mesh)
 
     def fuse_params(self, params: dict) -> dict:
         """Checkpoint layout (`param_shapes`, as loaded) -> the fused layout `__call__` runs on. Consumes `params`."""

@@ -17,6 +17,6 @@ def get_model_class(architecture: str) -> type:
     return MODELS[architecture]
 
 
-def build_model(config: ModelConfig, *, mesh=None, attention_backend: str = "auto"):
+def build_model(config: ModelConfig, *, mesh=None, kernel_backend: str = "auto"):
     """The model object for a config: `kv_cache, logits = model(params, kv_cache, token_ids, metadata)`."""
-    return get_model_class(config.architecture)(config=config, mesh=mesh, attention_backend=attention_backend)
+    return get_model_class(config.architecture)(config=config, mesh=mesh, kernel_backend=kernel_backend)

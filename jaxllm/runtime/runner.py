@@ -54,7 +54,8 @@ class ModelRunner:
         """`model`: a model directory or .gguf path, or a GGUF checkpoint already read (see `load_model`)."""
         self.config = config
         distributed.initialize_from_config(config)
-        compile_cache.enable()
+        if config.compile_cache:
+            compile_cache.enable()
         self.mesh = sharding.make_mesh(config.tensor_parallel_size)
         self.platform = self.mesh.devices.flat[0].platform
         self._replicated = sharding.replicated(self.mesh)
@@ -69,7 +70,7 @@ class ModelRunner:
         self.model, self.params, self.model_config = load_model(
             model, dtype=_canonical_dtype(config.dtype), load_format=config.load_format,
             mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
-            attention_backend=config.attention_backend)
+            kernel_backend=config.kernel_backend)
         progress("loading weights", 1, 1)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)

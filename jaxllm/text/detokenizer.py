@@ -12,7 +12,7 @@ aborts need no bookkeeping here.
 import dataclasses
 from collections.abc import Sequence
 
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.text.tokenizer import Tokenizer
 
 # A held-back tail longer than this is emitted as it is. Valid text never holds more than the 3 ids of a cut
 # character (plus skipped special tokens), so only output that is already invalid UTF-8 gets here; the cap keeps a

@@ -6,11 +6,11 @@ sequence, and text that could still grow into a stop string is held back from th
 
 import dataclasses
 
-from jaxllm.detokenizer import DetokenizerState, detokenize_step
+from jaxllm.text.detokenizer import DetokenizerState, detokenize_step
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.scheduling.sequence import Sequence, SequenceGroup
-from jaxllm.stop_strings import check_stop_strings
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.text.stop_strings import check_stop_strings
+from jaxllm.text.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass

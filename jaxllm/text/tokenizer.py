@@ -12,7 +12,7 @@ from typing import Any
 
 import tokenizers
 
-from jaxllm.chat_template import render_chat_template
+from jaxllm.text.chat_template import render_chat_template
 
 
 class Tokenizer:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from jaxllm.tokenizer import template_post_processor
+from jaxllm.text.tokenizer import template_post_processor
 
 logger = logging.getLogger(__name__)
 

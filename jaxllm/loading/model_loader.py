@@ -1,0 +1,96 @@
+"""`load_model`: the format of a model path decided (HF directory, GGUF file, dummies), its checks, and the build.
+
+Pickled checkpoints (`.bin`, `.pt`, `.pth`) are never read: unpickling runs arbitrary code from the model directory.
+jaxllm has no pickle reader at all, so `allow_pickle=True` changes only the error (it cannot make such a load work);
+convert the checkpoint to safetensors instead.
+"""
+
+import os
+
+from jaxllm.loading.dummy import dummy_params
+from jaxllm.loading.loader import TensorSource, load_params, resolve_dtype
+from jaxllm.loading.safetensors import SafetensorsSource
+from jaxllm.model_config import ModelConfig
+from jaxllm.models.registry import build_model
+from jaxllm.sharding import make_mesh
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
+               mesh=None, trust_remote_code: bool = False, allow_pickle: bool = False,
+               kernel_backend: str = "auto", seed: int = 0):
+    """-> (model, params, model_config), the params fused as the model runs them (`model.fuse_params`).
+
+    `model`: an HF directory (config.json + safetensors), a `.gguf` file, a GGUF checkpoint already read with
+    `read_gguf` (a caller that also needs its tokenizer reads the file once), or (dummy only) a ModelConfig.
+    `load_format`: auto | safetensors | gguf | dummy (random weights made on the devices, for benchmarks).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not supported; choose one of {LOAD_FORMATS}")
+    mesh = make_mesh(1) if mesh is None else mesh
+    if isinstance(model, ModelConfig):
+        if load_format != "dummy":
+            raise ValueError("a ModelConfig carries no weights: pass load_format='dummy' or a model path")
+        return _dummy(model, dtype, mesh, kernel_backend, seed)
+    gguf_options = dict(load_format=load_format, dtype=dtype, mesh=mesh, trust_remote_code=trust_remote_code,
+                        kernel_backend=kernel_backend, seed=seed)
+    if not isinstance(model, (str, os.PathLike)):
+        return _from_gguf(model, **gguf_options)
+    path = os.fspath(model)
+    is_gguf = is_gguf_file(path)
+    if load_format == "gguf" or (is_gguf and load_format in ("auto", "dummy")):
+        return _from_gguf(read_gguf_file(path), **gguf_options)
+    if not os.path.isdir(path):
+        hint = "; it is a GGUF file: use load_format 'auto' or 'gguf'" if is_gguf else ""
+        raise FileNotFoundError(f"model {path!r} is not a model directory (config.json + safetensors){hint}")
+    config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if load_format == "dummy":
+        return _dummy(config, dtype, mesh, kernel_backend, seed)
+    files = os.listdir(path)
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+        if pickles and not allow_pickle:
+            raise ValueError(f"{path} holds only pickled weights {pickles[:3]}; jaxllm refuses to unpickle files "
+                             f"(it can run arbitrary code). Convert them to safetensors.")
+        if pickles:
+            raise NotImplementedError(f"allow_pickle=True, but jaxllm has no pickle reader by design; convert "
+                                      f"{pickles[:3]} to safetensors")
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    return load_checkpoint(config, SafetensorsSource.from_dir(path), dtype=dtype, mesh=mesh,
+                           kernel_backend=kernel_backend)
+
+
+def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "auto", mesh=None,
+                    kernel_backend: str = "auto"):
+    """Any tensor source with HF names + its config -> (model, params, model_config). GGUF callers that also need
+    the file's tokenizer read the file once and come here."""
+    mesh = make_mesh(1) if mesh is None else mesh
+    model = build_model(config, mesh=mesh, kernel_backend=kernel_backend)
+    return model, model.fuse_params(load_params(source, model, dtype=dtype, mesh=mesh)), config
+
+
+def is_gguf_file(path: str) -> bool:
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def read_gguf_file(path: str):
+    """The file's GGUFCheckpoint (weights and tokenizer); the gguf package is only needed for GGUF files."""
+    from jaxllm.loading.gguf import read_gguf
+
+    return read_gguf(path)
+
+
+def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_code: bool, kernel_backend: str,
+               seed: int):
+    config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
+    if load_format == "dummy":
+        return _dummy(config, dtype, mesh, kernel_backend, seed)
+    return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
+
+
+def _dummy(config: ModelConfig, dtype: str, mesh, kernel_backend: str, seed: int):
+    model = build_model(config, mesh=mesh, kernel_backend=kernel_backend)
+    params = dummy_params(model, dtype=resolve_dtype(dtype, config), mesh=mesh, seed=seed)
+    return model, model.fuse_params(params), config
