@@ -59,8 +59,8 @@ def main(argv=None) -> dict:
     step_ms = _mean_ms(engine.step)
 
     runner = engine.runner
-    # Each sequence reads pages of its own, as the engine's do: sharing one set, a batch's KV would sit in the L2
-    # and the step alone would look faster than any engine step (batch 256: 12.1 ms against 15.5 ms of GPU work).
+    # Each sequence reads pages of its own, as the engine's do: shared pages would keep a batch's KV in the L2
+    # (docs/perf-notes.md#measuring-pitfalls-the-benchmarks-avoid).
     pages = args.context // runner.config.block_size + 3
     if args.batch * pages >= runner.kv_plan.num_blocks:
         raise SystemExit(f"the KV cache has {runner.kv_plan.num_blocks} blocks: too few for the model step alone")

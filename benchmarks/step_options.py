@@ -3,12 +3,12 @@
     python -m benchmarks.step_options --cases 1x32,1x1024,64x1024
     python -m benchmarks.step_options -tp 2 --variants engine,collectives-outside-graph,nccl
 
-Why: a batch-1 trace of Llama-3.1-8B on an H200 showed the host spending ~3.1 ms per step updating the step's CUDA
-graph (XLA "command buffers": the step's input and output buffers move every step) and ~2.3 ms launching it, more
-than the 4.4 ms the GPU works; the step is host-bound. Variants: the engine's options (command buffers whose
-temporary buffers do not force an update), XLA's default update mode, its profiled mode (buffers seen at a stable
-address are not watched), and command buffers off (kernels launched one by one, asynchronously). Under tensor
-parallelism: the all-reduces left outside the CUDA graph, as XLA does by default, and on NCCL.
+Why: the step runs as a CUDA graph whose updates cost host time, see
+docs/perf-notes.md#cuda-graph-updates-and-stable-buffer-addresses. Variants: the engine's options (command buffers
+whose temporary buffers do not force an update), XLA's default update mode, its profiled mode (buffers seen at a
+stable address are not watched), and command buffers off (kernels launched one by one, asynchronously); gemm options
+for batch 256 (docs/perf-notes.md#xla-gemm-options-tried-at-batch-256). Under tensor parallelism: the all-reduces
+left outside the CUDA graph, as XLA does by default, and on NCCL.
 Each variant builds its engine with `runner.step_compiler_options` extended by the variant's options (this script
 only; the engine's own choice lives in that function).
 """
@@ -27,15 +27,12 @@ VARIANTS = {  # options laid over the engine's own; None removes one, so XLA's d
     # cache) a fixed one, so only commands touching the moving inputs and outputs would need an update.
     "skip-profiled": {"xla_gpu_command_buffer_update_mode": "SKIP_PROFILED"},
     "no-command-buffers": {"xla_gpu_enable_command_buffer": ""},
-    # Batch 256: its gemms are cuBLAS calls, which XLA records into the graph by stream capture, and the graph was
-    # updated before every launch (~2.5 ms of host time). Triton gemms only (no cuBLAS candidate in the
+    # Batch 256 re-captures its cuBLAS gemms every launch: Triton gemms only (no cuBLAS candidate in the
     # autotuner), or the cuBLAS calls launched outside the graph.
     "triton-gemms": {"xla_gpu_cublas_fallback": False},  # a bool: XLA rejected the string "false"
-    # Batch 256's o_proj (4096 x 4096) and qkv gemms ran as cuBLAS tiles of 128-192 x 128: 64-96 blocks on 132
-    # SMs, 23-29 us each against ~12-18 us of their FLOPs. The autotuner's whole Triton tiling space (split-K too).
+    # The autotuner's whole Triton tiling space (split-K too), for batch 256's under-filled o_proj and qkv tiles.
     "exhaustive-tiling": {"xla_gpu_exhaustive_tiling_search": True},
-    # Every gemm on cuBLAS: at batch 256 the autotuner took a Triton gemm for gate/up on one machine (94 us) and
-    # cuBLAS on another (87 us). Measured (ninth session, M): batch 256 -0.9%, batch 1 +7%, TTFT +3%.
+    # Every gemm on cuBLAS (the autotuner's choice for gate/up varies by machine).
     "cublas-gemms": {"xla_gpu_enable_triton_gemm": False},
     "cublas-outside-graph": {
         "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"},
