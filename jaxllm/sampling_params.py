@@ -28,8 +28,8 @@ class SamplingType(enum.IntEnum):
 
 class RequestOutputKind(enum.IntEnum):
     """vLLM's: what a step returns for a request. CUMULATIVE: everything so far, every step it moves; FINAL_ONLY:
-    one output, when it finishes (LLM.generate asks for this: in a CPU profile at batch 256, building the outputs it
-    then dropped was a third of the host's time per step). DELTA (only the new part, vLLM's streaming form) is not
+    one output, when it finishes (LLM.generate asks for this: building the outputs it would drop costs host time
+    each step, docs/perf-notes.md#host-work-per-step). DELTA (only the new part, vLLM's streaming form) is not
     supported here."""
 
     CUMULATIVE = 0
@@ -163,8 +163,8 @@ class SamplingParams:
         return 0
 
     def clone(self) -> "SamplingParams":
-        # After _normalize every field is immutable but its lists and dicts, whose items are immutable: copying those
-        # makes a deep copy in ~5 us, where copy.deepcopy took ~55 us of each request's admission.
+        # After _normalize only the lists and dicts are mutable (their items are not): copying those is a deep copy
+        # at a tenth of copy.deepcopy's cost (docs/perf-notes.md#host-work-per-request).
         twin = copy.copy(self)
         for name, value in vars(self).items():
             if isinstance(value, (list, dict)):

@@ -3,10 +3,9 @@
 Legend: T tokens, D hidden size (a power of 2: a Triton block holds a whole row).
 
 A decoder layer adds a sublayer's output to the residual stream and normalizes the sum for the next sublayer,
-twice per layer. XLA:GPU emits that as three kernels (the add, the mean of squares, the scaling), each ~1.3 us of
-launch-bound work at batch 1. Here one program reads a row of x and h once and writes the sum and the normed row.
-(At batch 1 XLA had folded the split-K partial sums of the gemm before the add into the add's kernel; they are a
-kernel of their own again, so a layer loses 2 of its 21 kernels, not 4: RESULTS.md, fifth session.)
+twice per layer. XLA:GPU emits that as three launch-bound kernels at batch 1 (the add, the mean of squares, the
+scaling). Here one program reads a row of x and h once and writes the sum and the normed row
+(docs/perf-notes.md#fused-residual-add-and-rmsnorm).
 
 Numerics are the XLA expression's, step for step: the add in the input dtype, the mean of squares and the scaling
 in float32, rounded back to the input dtype before the weight multiply (Hugging Face's order).

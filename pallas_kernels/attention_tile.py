@@ -137,7 +137,8 @@ def _exp2_pairs(x: jax.Array) -> jax.Array:
 def fit_shared_memory(block_k: int, num_stages: int, rows: int, head_dim: int, itemsize: int) -> tuple[int, int]:
     """Shrink (block_k, num_stages) until the pipelined K/V stages and the q tile fit Hopper's 227 KB of shared
     memory per block (fp32 and head_dim 256 overflow the bf16 d = 128 tuning). The sizes match what Triton asked
-    for on an H200 (2026-11-27): 2 x 2 x 128 x 256 x 2 + 128 x 256 x 2 = 327,680 B for head_dim 256."""
+    for (docs/perf-notes.md#decode-and-prefill-kernel-tuning): 2 x 2 x 128 x 256 x 2 + 128 x 256 x 2 = 327,680 B
+    for head_dim 256."""
     padded = pl.next_power_of_2(head_dim)
 
     def need(c, s):

@@ -13,7 +13,8 @@ def resolve_backend(backend: str, device: jax.Device | None = None) -> str:
     """Map "auto" to the backend that suits `device` (default: the first device); check any other name.
 
     Mosaic GPU is not offered: the Triton lowering already reads KV near the copy bandwidth for decode, and the
-    Mosaic GPU interpreter cannot run the indexing tests on CPU (see benchmarks/RESULTS.md, Kernels).
+    Mosaic GPU interpreter cannot run the indexing tests on CPU
+    (docs/perf-notes.md#why-the-pallas-triton-lowering-not-mosaic-gpu).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")

@@ -23,11 +23,11 @@ from pallas_kernels import attention_tile as tile
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Tuning of the decode kernel. The defaults were the fastest of the sweep at batch 64 x 4k, bf16, d = 128, on
-    an H200 (benchmarks/RESULTS.md, Kernels); block 64 with 2-4 stages was within 1%, the read ceiling decides.
+    """Tuning of the decode kernel. The defaults were the fastest of a sweep at batch 64 x 4k, bf16, d = 128; the
+    read ceiling decides, not the tuning (docs/perf-notes.md#decode-and-prefill-kernel-tuning).
 
     num_splits=None picks X so that S * K * X reaches about target_programs (one split once the batch alone does;
-    a merge costs a few us), with at least min_split_tokens context positions per split.
+    a merge is a kernel of its own), with at least min_split_tokens context positions per split.
     """
 
     block_k: int = 64  # C
@@ -187,7 +187,7 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int, head_dim: in
 
 def _merge_splits(o, m, l, *, dtype, interpret: bool):  # f32[X, S, N, H], f32[X, S, N] x 2 -> [S, N, H]
     """Merge each (sequence, head)'s X partial softmaxes in one small kernel that also writes the output dtype
-    (XLA took two kernels, a reduction over X and a convert, ~4.6 us of a ~6 us batch-1 layer's attention)."""
+    (XLA took two kernels, a reduction over X and a convert: docs/perf-notes.md#split-decode-merge-kernel)."""
     num_splits, num_seqs, num_q_heads, head_dim = o.shape
     return pl.pallas_call(
         functools.partial(_merge_kernel, num_splits=num_splits, head_dim=head_dim),

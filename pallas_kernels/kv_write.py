@@ -16,7 +16,7 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     page, offset = slot_mapping // page_size, slot_mapping % page_size
 
     # Index the 4-D pages directly: scattering through a reshaped (bitcast) view made XLA copy the whole cache
-    # whenever the same step also read it back (seen on CPU, 2026-11-27).
+    # whenever the same step also read it back (seen on CPU).
     def write(pages, new):
         return pages.at[:, page, offset].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
 

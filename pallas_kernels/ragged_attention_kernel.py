@@ -25,8 +25,9 @@ from pallas_kernels import attention_tile as tile
 
 @dataclasses.dataclass(frozen=True)
 class RaggedConfig:
-    """Tuning of the mixed prefill/decode kernel. The defaults were the fastest of the sweep at 4k causal prefill,
-    bf16, d = 128, on an H200 (benchmarks/RESULTS.md, Kernels); fit_shared_memory shrinks them for fp32/d = 256."""
+    """Tuning of the mixed prefill/decode kernel. The defaults were the fastest of a sweep at 4k causal prefill,
+    bf16, d = 128 (docs/perf-notes.md#decode-and-prefill-kernel-tuning); fit_shared_memory shrinks them for
+    fp32/d = 256."""
 
     block_rows: int = 128  # R: query tokens x q-heads per program
     block_k: int = 128  # C: context positions per tile
@@ -170,7 +171,7 @@ def query_blocks(query_start_loc: jax.Array, num_blocks: int, block_q: int) -> t
 
     The block -> sequence search is unrolled: XLA runs a `while` loop on the GPU one host round trip per iteration,
     outside the step's CUDA graph, which made every mixed step wait for the device before the host could launch
-    the rest of it."""
+    the rest of it (docs/perf-notes.md#no-host-loop-in-mixed-steps)."""
     num_seqs = query_start_loc.shape[0] - 1
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     blocks_end = jnp.cumsum(pl.cdiv(q_lens, block_q))  # i32[S]

@@ -5,7 +5,7 @@ Legend: T tokens, N q-heads, K kv-heads, H head_dim, R = H // 2 rotary frequenci
 W = (N + 2K) * H the width of one token's fused q/k/v projection (q heads, then k heads, then v heads).
 
 After the fused q/k/v projection, XLA:GPU runs a layer's rotary as three kernels and the two cache writes as two
-more, each a ~1-2 us launch at batch 1 (RESULTS.md, fifth session: 5 of a layer's 17 kernels). Here one program
+more, each launch-bound at batch 1 (docs/perf-notes.md#rotary-and-kv-write-in-one-kernel). Here one program
 per token and part reads its share of the token's projection row once: the q heads, rotated, into q; the k heads,
 rotated, and the v heads into the cache slot `slot_mapping[t]`. The pages are updated in place (aliased in and out).
 

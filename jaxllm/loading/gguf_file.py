@@ -1,8 +1,8 @@
 """The GGUF container: metadata as Python values, tensors as views of one read-only memmap.
 
-`gguf.GGUFReader` builds a numpy object per element of every metadata array; for SmolLM2's 49152 tokens and 48900
-merges that is 3.6 s of a model start. This reads the same file (GGUF v2/v3, little-endian, spec in llama.cpp's
-docs/gguf.md) with struct in ~0.1 s; dequantization still uses the gguf package.
+`gguf.GGUFReader` builds a numpy object per element of every metadata array, seconds of a model start for a large
+vocabulary (docs/perf-notes.md#gguf-metadata-read-with-struct). This reads the same file (GGUF v2/v3, little-endian,
+spec in llama.cpp's docs/gguf.md) with struct; dequantization still uses the gguf package.
 """
 
 import dataclasses

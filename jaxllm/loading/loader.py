@@ -21,8 +21,8 @@ from jaxllm.models.weight_map import WeightRule, dotted, name_regex
 from jaxllm.sharding import make_mesh, param_sharding
 
 # Params placed at once: each thread copies its blocks out of the checkpoint (page faults: reads from disk) while
-# others' travel to the devices; numpy's copies and JAX's transfers run outside the GIL. On an H200, Llama-3.1-8B
-# from the page cache: 11.1-11.9 s one param at a time, 4.6 s on 8 threads (benchmarks/loading.py, RESULTS.md).
+# others' travel to the devices; numpy's copies and JAX's transfers run outside the GIL
+# (docs/perf-notes.md#threaded-weight-loading).
 _LOAD_THREADS = 8
 _DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
                 "half": jnp.float16}

@@ -4,9 +4,8 @@ The loader fills the checkpoint layout (`param_shapes`: q_proj, k_proj, v_proj, 
 the first step, `fuse_params` rewrites each layer into the layout the forward runs on, following the model's table
 of `FusedProjection`s (vLLM's `packed_modules_mapping` idea, done once after loading rather than per checkpoint).
 
-Why: at batch 1 a decode step is a chain of matrix-vector products, and a profile of Llama-3.1-8B on an H100 showed
-the small k/v projections (8 MB each) taking ~11 us apiece, 4x their bandwidth time, while one wider product runs
-near the bandwidth; fusing also drops three launches per layer.
+Why: at batch 1 a decode step is a chain of matrix-vector products; the small k/v ones ran far from the bandwidth
+that one wider product reaches, and fusing also drops three launches per layer (docs/perf-notes.md#fused-projections).
 
 Layout under tensor parallelism. A fused weight is [I, S, W]: S shards (the mesh's tp, or 1 when a part's width does
 not divide), each holding the concatenation of every part's columns for that shard. The forward's
@@ -43,8 +42,8 @@ def create_parts_last(paths: Sequence[str], fusions: tuple[FusedProjection, ...]
     calls of a group at once; the parts still wait for every other param.
 
     Why: `fuse_params` frees the parts, and their space is then one free block, or holes the next layers' fused
-    params fill, rather than holes between the weights too small for the KV cache (created in tree order, 7.3 GB
-    of an H200's free memory for Llama-3.1-8B: kv_sizing)."""
+    params fill, rather than holes between the weights too small for the KV cache
+    (docs/perf-notes.md#kv-cache-sizing-the-largest-free-block-and-resident-bytes)."""
     part_names = {part for fusion in fusions for part in fusion.parts}
     is_part = [path.rsplit(".", 1)[-1] in part_names for path in paths]
     others = [i for i, p in enumerate(is_part) if not p]

@@ -77,8 +77,8 @@ def embed(table: jax.Array, token_ids: jax.Array, mesh: Mesh | None = None) -> j
 
     A table split over the vocabulary ("tp") is looked up as vLLM's VocabParallelEmbedding does: each device takes
     the ids inside its slice of rows (zeros for the others) and one all-reduce of [T, D] sums the parts. Left to the
-    partitioner, XLA:GPU all-gathered the whole table in steps of few tokens: 2.1 GB and 4.5 ms a step for
-    Llama-3.1-70B at tensor parallelism 4 (RESULTS.md).
+    partitioner, XLA:GPU all-gathered the whole table every step of few tokens
+    (docs/perf-notes.md#vocab-parallel-embedding).
     """
     if sharding.tp_size(mesh) == 1 or sharding.TP not in sharding.param_spec("embed", table.shape, mesh):
         return jnp.take(table, token_ids, axis=0)

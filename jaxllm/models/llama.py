@@ -129,9 +129,9 @@ class LlamaForCausalLM:
 
         Jitted (the model is static: frozen and hashable), so that a step's layers, alike in shapes, are traced and
         lowered once: the model step lowers one layer and calls it L times (XLA inlines the calls, so the compiled
-        program is the same). Traced inline, a Llama-3.1-8B step's 32 layers took ~5 s of start-up per bucket on
-        the host, most of it lowering the Pallas kernels, once per layer; and a warm start, whose compile cache
-        skips only XLA's part, paid it for every bucket.
+        program is the same). Traced inline, every layer lowered its own Pallas kernels, and a warm start, whose
+        compile cache skips only XLA's part, paid that for every bucket
+        (docs/perf-notes.md#one-decoder-layer-lowered-per-bucket).
         """
         k_pages, v_pages, h = attention(
             p, k_pages, v_pages, normed, cos, sin, metadata, config=self.config, sliding_window=sliding_window,

@@ -8,23 +8,23 @@ def step_compiler_options(config: EngineConfig, platform: str) -> dict[str, str]
     """XLA options for the model step on GPU (none elsewhere).
 
     Command buffers: XLA runs the step as a CUDA graph, which it must update whenever a buffer the graph touches
-    moves, and the step's inputs, outputs and temporaries move every step. On an H200 at batch 1 (Llama-3.1-8B) the
-    host spent ~3.1 ms per step updating the graph and ~2.3 ms launching it, more than the GPU's 4.4 ms of work;
-    "SKIP_TEMP" keeps temporaries from forcing the update and took the step from 6.4-7.7 to 4.2-4.5 ms in the same
-    process (benchmarks/step_options.py, RESULTS.md). At batch 256 the temporaries still move every step: XLA holds
-    them in place only on its VMM allocator, which it takes only from XLA_FLAGS at start (RESULTS.md, eighth session).
+    moves, and the step's inputs, outputs and temporaries move every step; at batch 1 the host's updates and
+    launches took longer than the GPU's work. "SKIP_TEMP" keeps temporaries from forcing the update
+    (docs/perf-notes.md#cuda-graph-updates-and-stable-buffer-addresses). At batch 256 the temporaries still move:
+    XLA holds them in place only on its VMM allocator, which it takes only from XLA_FLAGS at start
+    (docs/perf-notes.md#batch-256-still-updates-its-graph).
 
     All-reduces under tensor parallelism (two per layer, of [T, D] activations): vLLM uses a one-shot all-reduce
     kernel of its own unless --disable-custom-all-reduce; here XLA's one-shot / two-shot collective kernels take
     that place: one GPU host (vLLM's custom all-reduce is intra-node only), more than one device, not disabled.
-    On 4x H200 over NVLink they measured the same as NCCL, 25-30 us per small all-reduce (benchmarks/allreduce.py,
-    RESULTS.md). The value is the DebugOptions enum's full name: per-compile options are parsed by proto reflection,
-    which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
+    Alone they cost what NCCL costs; in the engine's step they were faster at batch 1 and 64
+    (docs/perf-notes.md#all-reduces-inside-the-cuda-graph). The value is the DebugOptions enum's full name:
+    per-compile options are parsed by proto reflection, which rejects the short "ALL_REDUCE" that XLA_FLAGS accepts.
 
     XLA's command buffers leave collectives out by default, so under tensor parallelism each all-reduce split the
-    step's CUDA graph: 65 graphs per step per device for Llama-3.1-8B, each updated and launched by the host. The
-    step records collectives too (the list is XLA's default, `_GRAPHED`, plus COLLECTIVES; per-compile options
-    replace the list, and take neither the "+" form nor short names).
+    step's CUDA graph, each piece updated and launched by the host. The step records collectives too (the list is
+    XLA's default, `_GRAPHED`, plus COLLECTIVES; per-compile options replace the list, and take neither the "+" form
+    nor short names).
     """
     if platform not in ("gpu", "cuda"):
         return {}
