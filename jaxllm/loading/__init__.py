@@ -7,8 +7,14 @@ gguf_file.py (the readers) and dummy.py (random weights on the device).
 
 from jaxllm.loading.dummy import dummy_params
 from jaxllm.loading.loader import TensorSource, load_params
-from jaxllm.loading.model_loader import (LOAD_FORMATS, is_gguf_file, load_checkpoint, load_model, load_tokenizer,
-                                         read_gguf_file)
+from jaxllm.loading.model_loader import (
+    LOAD_FORMATS,
+    is_gguf_file,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    read_gguf_file,
+)
 from jaxllm.loading.safetensors import SafetensorsSource
 
 __all__ = ["LOAD_FORMATS", "SafetensorsSource", "TensorSource", "dummy_params", "is_gguf_file", "load_checkpoint",

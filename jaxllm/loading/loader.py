@@ -8,12 +8,14 @@ Safetensors directories, GGUF files (whose reader yields HF names and layouts) a
 
 import concurrent.futures
 import dataclasses
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.dtypes import canonical_dtype
 from jaxllm.model_config import ModelConfig
