@@ -56,3 +56,12 @@ class ServerOptions:
     disable_uvicorn_access_log: bool = option(False, group=_SERVER)
     headless: bool = option(False, group="multi-host", help="accepted for vLLM compatibility: ranks > 0 never "
                                                             "serve HTTP")
+
+    def __post_init__(self):
+        for name, ok, limit in (("port", 0 <= self.port <= 65535, "in [0, 65535]"),
+                                ("max_request_body_bytes", self.max_request_body_bytes > 0, "> 0"),
+                                ("shutdown_timeout", self.shutdown_timeout >= 0, ">= 0"),
+                                ("engine_stall_timeout", self.engine_stall_timeout > 0, "> 0"),
+                                ("max_log_len", self.max_log_len is None or self.max_log_len >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")

@@ -89,11 +89,13 @@ def test_the_jaxllm_command_is_provided_by_serving(capsys):
 
 
 def test_conflicting_or_invalid_values_exit_with_usage(capsys):
-    for argv in (["a", "--model", "b"], ["--block-size", "7"], ["--dtype", "int3"], ["--max-model-len", "lots"]):
+    for argv in (["a", "--model", "b"], ["--block-size", "7"], ["--dtype", "int3"], ["--max-model-len", "lots"],
+                 ["--port", "70000"]):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(argv)
         assert exit_info.value.code == 2
-    assert "block_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "block_size" in err and "port must be in [0, 65535], got 70000" in err
 
 
 def test_chat_template_file_is_read(tmp_path):
