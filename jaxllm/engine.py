@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from jaxllm.config import EngineConfig
 from jaxllm.default_model import default_model_name, default_model_path
-from jaxllm.loading import is_gguf_file, read_gguf_file
+from jaxllm.loading import is_gguf_file, load_tokenizer, read_gguf_file
 from jaxllm.text.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.progress import TqdmProgress
@@ -84,7 +84,7 @@ class LLMEngine:
         elif config.tokenizer is None and model is not model_path:
             self.tokenizer = Tokenizer.from_gguf(model)
         else:
-            self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or model_path)
+            self.tokenizer = load_tokenizer(model, config.tokenizer)
         self.runner = ModelRunner(config, model, progress=progress or TqdmProgress())
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.kv_plan.max_model_len

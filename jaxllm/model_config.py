@@ -10,9 +10,10 @@ import json
 import logging
 import os
 
+from jaxllm.dtypes import DTYPES
+
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -6,7 +6,6 @@ signal skips the wait. If the engine cannot be built the process exits 1, so an 
 rather than a server that is 503 forever.
 """
 
-import argparse
 import asyncio
 import logging
 import os
@@ -15,12 +14,13 @@ import sys
 
 import uvicorn
 
+from jaxllm import AsyncLLMEngine, EngineConfig
 from jaxllm.default_model import default_model_name
-from serving.api_server import AppOptions, build_app
-from serving.cli import engine_config
+from serving.app import build_app
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
+from serving.options import ServerOptions
 from serving.request_limits import DEFAULT_MAX_HEADER_BYTES
 
 logger = logging.getLogger("jaxllm.serving")
@@ -93,33 +93,27 @@ def _progress(phase: str, done: int, total: int) -> None:
     logger.info("start-up: %s %d/%d", phase, done, total)
 
 
-def run(args: argparse.Namespace) -> int:
-    _configure_logging(args.uvicorn_log_level)
-    config = engine_config(args)
+def run(config: EngineConfig, options: ServerOptions) -> int:
+    """Serve `config`'s engine as `options` say until a signal; -> the process's exit code."""
+    _configure_logging(options.uvicorn_log_level)
     if config.node_rank > 0:  # a follower host: it runs node 0's steps and serves nothing
         from jaxllm.distributed import run_worker
 
         run_worker(config)
         return 0
-    names = args.served_model_name or [args.model or default_model_name()]
+    names = list(options.served_model_name or [config.model or default_model_name()])
 
     def build_engine():
-        from jaxllm import AsyncLLMEngine
-
-        logger.info("loading %s", args.model or f"the default model ({default_model_name()})")
+        logger.info("loading %s", config.model or f"the default model ({default_model_name()})")
         return AsyncLLMEngine(config, progress=_progress)
 
     # The queue limit counts engine requests the server has admitted: the running batch plus the allowed queue.
-    max_in_flight = None if args.max_num_queued_reqs is None else args.max_num_seqs + args.max_num_queued_reqs
-    host = EngineHost(build_engine, max_in_flight=max_in_flight, stall_timeout_s=args.engine_stall_timeout)
+    max_in_flight = None if config.max_num_queued_reqs is None else config.max_num_seqs + config.max_num_queued_reqs
+    host = EngineHost(build_engine, max_in_flight=max_in_flight, stall_timeout_s=options.engine_stall_timeout)
     ctx = ServerContext(host=host, metrics=ServerMetrics(host, names[0]), served_model_names=names,
-                        chat_template=args.chat_template, log_requests=args.enable_log_requests,
-                        max_log_len=args.max_log_len)
-    options = AppOptions(api_key=args.api_key, allowed_origins=args.allowed_origins,
-                         allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
-                         allow_credentials=args.allow_credentials, max_body_bytes=args.max_request_body_bytes,
-                         stats_interval_s=None if args.disable_log_stats else 10.0)
-    sock = bind_socket(args.host, args.port)
+                        chat_template=options.chat_template, log_requests=options.enable_log_requests,
+                        max_log_len=options.max_log_len)
+    sock = bind_socket(options.host, options.port)
     bound_host, bound_port = sock.getsockname()[:2]
 
     def on_ready() -> None:
@@ -127,10 +121,11 @@ def run(args: argparse.Namespace) -> int:
 
     app = build_app(ctx, options, on_fatal=lambda exc: server.fail_startup(), on_ready=on_ready)
     # h11 refuses a request head that trickles in past the limit; RequestLimitsMiddleware checks complete ones.
-    uv_config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+    uv_config = uvicorn.Config(app, log_level=options.uvicorn_log_level,
+                               access_log=not options.disable_uvicorn_access_log,
                                h11_max_incomplete_event_size=DEFAULT_MAX_HEADER_BYTES, timeout_graceful_shutdown=5,
                                timeout_keep_alive=5, lifespan="on", log_config=None)
-    server = _DrainingServer(uv_config, host, args.shutdown_timeout)
+    server = _DrainingServer(uv_config, host, options.shutdown_timeout)
     # Printed before the model loads, so a supervisor (or a test) can poll /health, which is 503 until ready.
     logger.info("listening on http://%s:%d (model loading; /health is 503 until ready)", bound_host, bound_port)
     server.run(sockets=[sock])

@@ -19,7 +19,7 @@ import pytest
 
 from jaxllm import EngineConfig
 from jaxllm.runtime.compiler_options import step_compiler_options
-from serving.cli import engine_config, parse_args
+from serving.cli import parse_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "llama3"
@@ -74,8 +74,8 @@ def tp_report() -> dict:
 
 
 def test_the_server_flag_reaches_the_engine_config():
-    assert engine_config(parse_args([])).disable_custom_all_reduce is False  # vLLM's default
-    assert engine_config(parse_args(["--disable-custom-all-reduce"])).disable_custom_all_reduce is True
+    assert parse_args([])[0].disable_custom_all_reduce is False  # vLLM's default
+    assert parse_args(["--disable-custom-all-reduce"])[0].disable_custom_all_reduce is True
 
 
 @pytest.mark.parametrize("platform, tp, disabled, nnodes, want", [

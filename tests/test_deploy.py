@@ -40,17 +40,17 @@ def test_all_kinds_are_present_in_one_namespace(k8s):
 
 
 def test_container_args_parse_with_the_server_parser(container):
-    args = parse_args(container["args"])
-    assert args.host == "0.0.0.0"
-    assert args.port == container["ports"][0]["containerPort"]
-    assert args.tensor_parallel_size == 2 and args.gpu_memory_utilization == 0.9 and args.max_model_len == 4096
-    assert args.model.startswith("/models/")
-    assert args.api_key == "$(JAXLLM_API_KEY)"  # expanded by the kubelet from the env var
+    config, options = parse_args(container["args"])
+    assert options.host == "0.0.0.0"
+    assert options.port == container["ports"][0]["containerPort"]
+    assert config.tensor_parallel_size == 2 and config.gpu_memory_utilization == 0.9 and config.max_model_len == 4096
+    assert config.model.startswith("/models/")
+    assert options.api_key == "$(JAXLLM_API_KEY)"  # expanded by the kubelet from the env var
     assert container["env"][0]["name"] == "JAXLLM_API_KEY"
 
 
 def test_gpus_match_tensor_parallelism(container):
-    tp = parse_args(container["args"]).tensor_parallel_size
+    tp = parse_args(container["args"])[0].tensor_parallel_size
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(tp)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == str(tp)
 
@@ -75,7 +75,7 @@ def test_volumes_model_cache_and_shared_memory(k8s, container):
 
 def test_drain_fits_in_the_termination_grace_period(k8s, container):
     grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert parse_args(container["args"]).shutdown_timeout < grace
+    assert parse_args(container["args"])[1].shutdown_timeout < grace
 
 
 def test_service_selects_the_pods_and_their_port(k8s, container):
@@ -97,8 +97,8 @@ def _dockerfile_json(instruction: str) -> list[str]:
 def test_dockerfile_command_parses_and_listens_on_all_interfaces():
     entrypoint, cmd = _dockerfile_json("ENTRYPOINT"), _dockerfile_json("CMD")
     assert entrypoint == ["jaxllm", "serve"]
-    args = parse_args(cmd)
-    assert args.host == "0.0.0.0" and args.port == 8000 and args.model is None
+    config, options = parse_args(cmd)
+    assert options.host == "0.0.0.0" and options.port == 8000 and config.model is None
 
 
 def test_dockerfile_installs_the_gpu_and_serve_extras_and_every_package():

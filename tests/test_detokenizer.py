@@ -8,6 +8,7 @@ import pytest
 import tokenizers
 
 from jaxllm.default_model import default_model_path
+from jaxllm.loading import load_tokenizer
 from jaxllm.text.detokenizer import MAX_HELD_TOKENS, DetokenizerState, IncrementalDetokenizer, detokenize_step
 from jaxllm.text.gguf_tokenizer import bytes_to_unicode
 from jaxllm.text.stop_strings import check_stop_strings
@@ -20,7 +21,7 @@ TEXTS = ["The river keeps its own time. ", "日本語のテキスト", "你好�
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Tokenizer.from_pretrained(default_model_path())
+    return load_tokenizer(default_model_path())  # a .gguf file: the loader reads it
 
 
 @pytest.fixture(scope="module", params=["smollm2", "tiny"])

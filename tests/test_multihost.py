@@ -127,7 +127,7 @@ def test_multinode_example_is_one_consistent_jax_distributed_job():
     come from LWS, and the flags build a valid EngineConfig (the server-only flags go through its own parser)."""
     import yaml
 
-    from serving.cli import engine_config, parse_args
+    from serving.cli import parse_args
 
     docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy/multinode/leaderworkerset.yaml").read_text())}
     group = docs["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
@@ -145,7 +145,7 @@ def test_multinode_example_is_one_consistent_jax_distributed_job():
     for container, index in ((leader, 0), (worker, 1)):
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == gpus
         # Every container arg goes through the server's own parser, multi-node flags included.
-        configs.append(engine_config(parse_args([a for kv in flags(container, index).items() for a in kv])))
+        configs.append(parse_args([a for kv in flags(container, index).items() for a in kv])[0])
     lead, work = configs
     assert (lead.node_rank, work.node_rank) == (0, 1) and lead.nnodes == work.nnodes == group["size"]
     assert lead.tensor_parallel_size == work.tensor_parallel_size == gpus * group["size"]  # tp spans every GPU
@@ -154,8 +154,9 @@ def test_multinode_example_is_one_consistent_jax_distributed_job():
     assert lead.master_port == work.master_port == coordinator
 
     # The worker serves no HTTP and has no port or key.
-    args = parse_args([a for kv in flags(leader, 0).items() for a in kv])
-    assert args.port == {p["name"]: p["containerPort"] for p in leader["ports"]}["http"] and args.host == "0.0.0.0"
+    _, options = parse_args([a for kv in flags(leader, 0).items() for a in kv])
+    assert options.port == {p["name"]: p["containerPort"] for p in leader["ports"]}["http"]
+    assert options.host == "0.0.0.0"
     assert "--port" not in flags(worker, 1) and "--api-key" not in flags(worker, 1)
     assert docs["Service"]["spec"]["selector"]["role"] == group["leaderTemplate"]["metadata"]["labels"]["role"]
     assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadOnlyMany"]  # both hosts read the weights

@@ -6,7 +6,7 @@ from server_harness import ServerProcess
 
 
 def test_jaxllm_serve_default_model_chats_with_the_openai_client():
-    proc = ServerProcess("serve", entry=("-m", "jaxllm.cli"))
+    proc = ServerProcess("serve", entry=("-m", "serving.cli"))  # the code of the `jaxllm` console script
     try:
         url = proc.wait_ready(timeout=900)
         assert url.startswith("http://127.0.0.1:")  # binds loopback unless --host says otherwise

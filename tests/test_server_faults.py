@@ -12,10 +12,11 @@ import pytest
 from server_harness import TINY_MODEL, InProcessServer, sse_events, wait_healthy
 
 from jaxllm import AsyncLLMEngine, EngineConfig
-from serving.api_server import AppOptions, build_app
+from serving.app import build_app
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
+from serving.options import ServerOptions
 
 STALL_TIMEOUT_S = 1.0
 
@@ -31,7 +32,7 @@ def served():
 
     host = EngineHost(build_when_allowed, stall_timeout_s=STALL_TIMEOUT_S)
     ctx = ServerContext(host=host, metrics=ServerMetrics(host, "tiny"), served_model_names=["tiny"])
-    server = InProcessServer(build_app(ctx, AppOptions(stats_interval_s=None)))
+    server = InProcessServer(build_app(ctx, ServerOptions(disable_log_stats=True)))
     yield SimpleNamespace(url=server.url, gate=gate, host=host)
     gate.set()
     server.stop()

@@ -9,11 +9,12 @@ import httpx
 import pytest
 from server_harness import API_KEY, MAIN_ARGS, InProcessServer, shared_server
 
-from serving.api_server import AppOptions, build_app
+from serving.app import build_app
 from serving.auth import normalize_path
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
+from serving.options import ServerOptions
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def cors_server():
 
     host = EngineHost(never_ready)
     ctx = ServerContext(host=host, metrics=ServerMetrics(host, "cors"), served_model_names=["cors"])
-    options = AppOptions(api_key="k", allowed_origins=["https://ok.example"], allowed_methods=("GET", "POST"))
+    options = ServerOptions(api_key="k", allowed_origins=("https://ok.example",), allowed_methods=("GET", "POST"))
     server = InProcessServer(build_app(ctx, options))
     yield server.url
     gate.set()

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from jaxllm.default_model import default_model_path
+from jaxllm.loading import load_tokenizer, read_gguf_file
 from jaxllm.text.tokenizer import Tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -21,7 +22,7 @@ ALPHABET = list("aZ0 9.,'\n\t\r_-<|>") + ["é", "ß", "Ω", "й", "日", "本", 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Tokenizer.from_pretrained(default_model_path())
+    return load_tokenizer(default_model_path())  # a .gguf file: the loader reads it
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,16 @@ def test_tokenizer_config_add_bos_token_false_overrides_tokenizer_json(tmp_path)
 def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_load_tokenizer_takes_a_gguf_checkpoint_already_read_or_an_override(smollm2):
+    checkpoint = read_gguf_file(default_model_path())
+    tok = load_tokenizer(checkpoint)
+    assert tok.backend is checkpoint.tokenizer  # built from the metadata in hand, not from the file again
+    assert tok.encode("Hello, world") == smollm2.encode("Hello, world") and tok.eos_token_ids == smollm2.eos_token_ids
+    assert load_tokenizer(checkpoint, TINY).encode("Hello") == Tokenizer.from_pretrained(TINY).encode("Hello")
+    with pytest.raises(FileNotFoundError, match="load_tokenizer"):
+        Tokenizer.from_pretrained(default_model_path())
 
 
 def test_no_chat_template_is_a_clear_error(tmp_path):

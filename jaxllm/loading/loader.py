@@ -8,13 +8,16 @@ Safetensors directories, GGUF files (whose reader yields HF names and layouts) a
 
 import concurrent.futures
 import dataclasses
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxllm.dtypes import canonical_dtype
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import create_parts_last
 from jaxllm.models.weight_map import WeightRule, dotted, name_regex
@@ -24,8 +27,6 @@ from jaxllm.sharding import make_mesh, param_sharding
 # others' travel to the devices; numpy's copies and JAX's transfers run outside the GIL
 # (docs/perf-notes.md#threaded-weight-loading).
 _LOAD_THREADS = 8
-_DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-                "half": jnp.float16}
 
 
 class TensorSource(Protocol):
@@ -53,11 +54,9 @@ class _Piece:
 def resolve_dtype(dtype: str, config: ModelConfig, source: TensorSource | None = None):
     """"auto" is the checkpoint's dtype (config.json's, else the embedding tensor's); float32 stays float32."""
     if dtype != "auto":
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(_DTYPE_NAMES)}")
-        return _DTYPE_NAMES[dtype]
+        return getattr(jnp, canonical_dtype(dtype))
     if config.dtype is not None:
-        return _DTYPE_NAMES[config.dtype]
+        return getattr(jnp, config.dtype)
     if source is not None and "model.embed_tokens.weight" in source.keys():
         stored = np.dtype(source.dtype("model.embed_tokens.weight"))
         for jdt in (jnp.float32, jnp.bfloat16, jnp.float16):

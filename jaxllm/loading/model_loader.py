@@ -1,4 +1,5 @@
-"""`load_model`: the format of a model path decided (HF directory, GGUF file, dummies), its checks, and the build.
+"""`load_model`: the format of a model path decided (HF directory, GGUF file, dummies), its checks, and the build;
+`load_tokenizer`: the tokenizer of the same path, taken from a GGUF checkpoint already read when there is one.
 
 Pickled checkpoints (`.bin`, `.pt`, `.pth`) are never read: unpickling runs arbitrary code from the model directory.
 jaxllm has no pickle reader at all, so `allow_pickle=True` changes only the error (it cannot make such a load work);
@@ -7,14 +8,15 @@ convert the checkpoint to safetensors instead.
 
 import os
 
+from jaxllm.config import LOAD_FORMATS
 from jaxllm.loading.dummy import dummy_params
 from jaxllm.loading.loader import TensorSource, load_params, resolve_dtype
 from jaxllm.loading.safetensors import SafetensorsSource
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.registry import build_model
 from jaxllm.sharding import make_mesh
+from jaxllm.text.tokenizer import Tokenizer
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -69,6 +71,17 @@ def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "
     mesh = make_mesh(1) if mesh is None else mesh
     model = build_model(config, mesh=mesh, kernel_backend=kernel_backend)
     return model, model.fuse_params(load_params(source, model, dtype=dtype, mesh=mesh)), config
+
+
+def load_tokenizer(model, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
+    """`tokenizer` (an HF directory or a .gguf file) if given, else `model`'s own: a path, or a GGUF checkpoint
+    already read with `read_gguf`, whose tokenizer comes from the metadata in hand (the file is not read again)."""
+    source = model if tokenizer is None else tokenizer
+    if isinstance(source, (str, os.PathLike)):
+        if not is_gguf_file(os.fspath(source)):
+            return Tokenizer.from_pretrained(source)
+        source = read_gguf_file(os.fspath(source))
+    return Tokenizer.from_gguf(source)
 
 
 def is_gguf_file(path: str) -> bool:

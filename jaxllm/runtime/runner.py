@@ -68,7 +68,7 @@ class ModelRunner:
         self._resident = kv_sizing.ResidentMark.take(self._local_device)
         progress("loading weights", 0, 1)
         self.model, self.params, self.model_config = load_model(
-            model, dtype=_canonical_dtype(config.dtype), load_format=config.load_format,
+            model, dtype=config.dtype, load_format=config.load_format,
             mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
             kernel_backend=config.kernel_backend)
         progress("loading weights", 1, 1)
@@ -373,9 +373,3 @@ def _successor_rows(work: Sequence[inputs.SeqWork], successors: Sequence[Sequenc
         last_rows[s] = start + n - 1
         start += n
     return last_rows, next_ids
-
-
-def _canonical_dtype(dtype: str) -> str:
-    """vLLM's dtype spellings -> the loader's ("auto" stays: the checkpoint's own dtype)."""
-    aliases = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
-    return aliases.get(dtype, dtype)

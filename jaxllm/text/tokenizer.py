@@ -1,4 +1,6 @@
-"""The engine's tokenizer: HF `tokenizer.json` directories and GGUF files behind one small interface.
+"""The engine's tokenizer: HF `tokenizer.json` directories and GGUF checkpoints behind one small interface.
+
+A GGUF file is read once, by the loader (`jaxllm.loading.load_tokenizer`), which hands its checkpoint to `from_gguf`.
 
 Only the `tokenizers` library is used (no transformers, no torch); behaviour follows transformers' fast tokenizers:
 the tokenizer.json post-processor adds BOS/EOS unless tokenizer_config.json sets add_bos_token / add_eos_token,
@@ -43,16 +45,12 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
-        """An HF model directory (tokenizer.json) or a .gguf file."""
+        """An HF model directory (tokenizer.json); for a .gguf file, use `jaxllm.loading.load_tokenizer`."""
         path = os.fspath(path)
-        if os.path.isfile(path) and path.endswith(".gguf"):
-            from jaxllm.loading.gguf import read_gguf
-
-            return cls.from_gguf(read_gguf(path))
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(
                 f"no tokenizer.json in {path!r}: jaxllm needs a fast-tokenizer file (slow sentencepiece-only "
-                "tokenizers are not supported) or a .gguf file"
+                "tokenizers are not supported) or a .gguf file (jaxllm.loading.load_tokenizer)"
             )
         return cls._from_hf_dir(path)
 
