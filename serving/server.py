@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     _configure_logging(args.uvicorn_log_level)
     config = engine_config(args)
     if config.node_rank > 0:  # a follower host: it runs node 0's steps and serves nothing
-        from jaxllm.distributed import run_worker
+        from jaxllm.runtime.follower import run_worker
 
         run_worker(config)
         return 0

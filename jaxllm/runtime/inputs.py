@@ -16,9 +16,16 @@ from jaxllm.runtime.buckets import BatchLayout
 assert NULL_BLOCK == 0, "pack pads block tables by leaving the buffer's zeros"
 
 
-def feed(row: int) -> int:
-    """The token id that stands for "the token the previous step sampled in `row`" (resolved on device)."""
+def fed_token(row: int) -> int:
+    """The token id that stands for "the token the previous step sampled in `row`": how a run-ahead placeholder
+    (scheduling.sequence.RUN_AHEAD_TOKEN) is sent, so step N + 1 is dispatched while step N still runs."""
     return -(row + 1)
+
+
+def resolve_fed_tokens(token_ids: jax.Array, last_tokens: jax.Array) -> jax.Array:
+    """Inside the jitted step: each `fed_token(r)` replaced by last_tokens[r], the previous step's sampled ids."""
+    fed = last_tokens[jnp.clip(-token_ids - 1, 0, last_tokens.shape[0] - 1)]
+    return jnp.where(token_ids < 0, fed, token_ids)
 
 
 @dataclasses.dataclass(frozen=True)

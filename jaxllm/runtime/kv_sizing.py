@@ -126,5 +126,13 @@ def plan_kv_cache(config: EngineConfig, *, budget_bytes: int, block_bytes: int, 
                   bytes_per_block=block_bytes)
 
 
+def num_cpu_blocks(config: EngineConfig, bytes_per_block: int) -> int:
+    """The CPU pool for swapped-out blocks: swap_space GiB, or none across hosts (a host holds only its shards of a
+    block, so preemption recomputes instead, as vLLM V1 always does)."""
+    if config.nnodes > 1:
+        return 0
+    return int(config.swap_space * 2**30 // bytes_per_block)
+
+
 def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
     return math.ceil(max_model_len / block_size)

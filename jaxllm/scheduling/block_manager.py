@@ -54,6 +54,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def max_blocks_needed(num_prompt: int, max_tokens: int, n: int, block_size: int) -> int:
+    """The most device blocks a request holds at once. The last sampled token is never written to the cache (hence
+    - 1); the n samples share the full blocks before the last prompt token and may each own the rest."""
+    shared = (num_prompt - 1) // block_size
+    return shared + n * (cdiv(num_prompt + max_tokens - 1, block_size) - shared)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, enable_prefix_caching: bool = True):
         if num_blocks < 2:

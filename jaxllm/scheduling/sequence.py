@@ -15,6 +15,10 @@ from collections.abc import Iterable
 from jaxllm.outputs import RequestMetrics
 from jaxllm.sampling_params import SamplingParams
 
+# Run-ahead: the token of a sequence whose next step was scheduled before its last sampled token was read back.
+# Scheduler.run_ahead appends it and update() overwrites it; the runner feeds the real token on device.
+RUN_AHEAD_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
