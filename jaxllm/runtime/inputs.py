@@ -46,13 +46,12 @@ def _sections(layout: BatchLayout) -> list[tuple[str, tuple[int, ...]]]:
 def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.ndarray:
     """Lay the batch out in one i32 buffer. Padding tokens write to the null block and belong to no sequence.
 
-    Vectorised over tokens: at 256 decodes a per-sequence loop of small numpy ops cost milliseconds per step. The
-    sections are views of the one zeroed buffer (no copy to join them): the block tables are [S, M], 8 MB at 256
-    sequences of Llama-3.1-8B's 131072-token context, and zero is the null block they are padded with."""
+    Vectorised over tokens, and the sections are views of the one zeroed buffer (no copy to join them; zero is the
+    null block the block tables are padded with): docs/perf-notes.md#host-work-per-step."""
     buffer = np.zeros(buffer_size(layout), np.int32)
     arrays, offset = {}, 0
     for name, shape in _sections(layout):
-        size = math.prod(shape)  # not np.prod: ~5 us a call on a tuple, 14 calls a third of a 1024-token prefill's pack
+        size = math.prod(shape)  # not np.prod, slow on a tuple (docs/perf-notes.md#host-work-per-step)
         arrays[name] = buffer[offset:offset + size].reshape(shape)
         offset += size
     lengths = np.fromiter((len(w.token_ids) for w in work), np.int32, len(work))

@@ -8,7 +8,8 @@ requested logprobs).
 Every buffer the model step reads or writes keeps its device address from step to step: the params, the KV cache
 and the logits buffer (donated and written in place), the bucket's input buffer, the fed-back sampled ids (written
 in place by the sampler). XLA runs the step as a CUDA graph and, before a launch, re-records every command whose
-buffers moved; with nothing moved it only launches the graph (docs/perf-notes.md#cuda-graph-updates-and-stable-buffer-addresses).
+buffers moved; with nothing moved it only launches the graph
+(docs/perf-notes.md#cuda-graph-updates-and-stable-buffer-addresses).
 
 Tensor parallelism is the mesh: params, KV cache and kernels are sharded over its "tp" axis (jaxllm.sharding), the
 step's inputs and the logits are replicated, so the sampler sees the whole vocabulary. Across hosts the leader's

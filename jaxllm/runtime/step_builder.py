@@ -29,8 +29,8 @@ class StepWork:
     reads_history: bool = False  # a sampling row has penalties, which read its real last token: no run-ahead
 
 
-def reads_history(params: SamplingParams) -> bool:
-    """The penalties are computed from the sequence's token history."""
+def _has_penalties(params: SamplingParams) -> bool:
+    """Penalties are computed from the sequence's token history."""
     return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1)
 
 
@@ -73,7 +73,7 @@ class StepBuilder:
             row = SamplingRow(params, (), (), seed=seq.group.seed, sample_index=seq.sample_index,
                               eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
             constants = self._constants[key] = RowConstants.of(row, self.vocab_size)
-        history = reads_history(params)
+        history = _has_penalties(params)
         return SamplingRow(params, seq.prompt_token_ids if history else (), seq.output_token_ids if history else (),
                            seed=seq.group.seed, sample_index=seq.sample_index, position=s.seq_len,
                            constants=constants, num_output_tokens=seq.num_output_tokens)
