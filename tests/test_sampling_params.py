@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from jaxllm.sampling_params import SamplingParams, SamplingType
-from jaxllm.validation import (ContextLengthExceededError, RequestTooLargeError, validate_prompt_token_ids,
-                               validate_request)
+from jaxllm.validation import (
+    ContextLengthExceededError,
+    RequestTooLargeError,
+    validate_prompt_token_ids,
+    validate_request,
+)
 
 VOCAB, MAX_LEN = 100, 64
 

@@ -12,7 +12,6 @@ import numpy as np
 from jaxllm.kv_cache import NULL_BLOCK, AttentionMetadata
 from jaxllm.runtime.buckets import BatchLayout
 
-
 assert NULL_BLOCK == 0, "pack pads block tables by leaving the buffer's zeros"
 
 
