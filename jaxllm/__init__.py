@@ -6,14 +6,16 @@
 
 from jaxllm.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from jaxllm.config import EngineConfig
-from jaxllm.engine import EngineStats, LLMEngine
+from jaxllm.engine import LLMEngine
+from jaxllm.engine_stats import EngineStats
 from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.runtime.follower import run_worker
 from jaxllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "SamplingParams", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "EngineStats", "RequestOutput",
-    "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "__version__",
+    "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "run_worker", "__version__",
 ]

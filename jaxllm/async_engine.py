@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator
 
 from jaxllm.config import EngineConfig
-from jaxllm.engine import EngineStats, LLMEngine, ProgressFn
+from jaxllm.engine import LLMEngine, ProgressFn
+from jaxllm.engine_stats import EngineStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 

@@ -94,10 +94,6 @@ class EngineConfig:
         _require(self.tensor_parallel_size >= self.nnodes, "tensor_parallel_size",
                  f"({self.tensor_parallel_size}) must be >= nnodes ({self.nnodes}): tensor parallelism is what "
                  f"spans the hosts")
-        if self.nnodes > 1:
-            # A host holds only its shards of a swapped-out block; across hosts preemption recomputes instead, as
-            # vLLM V1 always does.
-            object.__setattr__(self, "swap_space", 0)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -1,14 +1,14 @@
-"""Multi-host serving: one model over the devices of several hosts through jax.distributed, driven by node 0.
+"""Multi-host transport: joining jax.distributed, and the leader -> followers channel of device operations.
 
 Every process runs the same SPMD programs (the jitted step over a mesh spanning all hosts), and XLA's collectives
 need each process to launch the same program, with the same inputs, in the same order. So node 0 (the leader) owns
 the engine: it schedules, packs every device operation into int32 arrays and broadcasts it; nodes 1.. (followers)
-own only a ModelRunner, run each operation as it arrives and never schedule. An operation travels as a JSON header
-plus an int32 payload (`Channel`), never as a pickle.
+own only a ModelRunner, run each operation as it arrives and never schedule (runtime/follower.py). An operation
+travels as a JSON header plus an int32 payload (`Channel`), never as a pickle.
 
     node 0:  LLM(model, tensor_parallel_size=8, nnodes=2, node_rank=0, master_addr="10.0.0.1")   # or the server
-    node 1:  jaxllm.distributed.run_worker(EngineConfig(model, tensor_parallel_size=8, nnodes=2, node_rank=1,
-                                                       master_addr="10.0.0.1"))
+    node 1:  jaxllm.run_worker(EngineConfig(model, tensor_parallel_size=8, nnodes=2, node_rank=1,
+                                            master_addr="10.0.0.1"))
 """
 
 import json
@@ -89,16 +89,3 @@ class Channel:
         message = json.loads(body[:text_ints].view(np.uint8)[:text_len].tobytes())
         return message.pop("op"), message, body[text_ints:text_ints + payload_size].copy()
 
-
-def run_worker(config) -> None:
-    """Node 1..: join the leader's jax.distributed job, load this host's shards and run the leader's steps until
-    it closes its engine. Blocks; returns when the leader shuts down."""
-    from jaxllm.default_model import default_model_path
-    from jaxllm.runtime.runner import ModelRunner
-
-    if config.node_rank == LEADER:
-        raise ValueError("run_worker is for node_rank >= 1; node 0 runs the engine (LLM or the server)")
-    initialize_from_config(config)
-    runner = ModelRunner(config, config.model or default_model_path())
-    logger.info("node %d: following node 0's steps", config.node_rank)
-    runner.follow()

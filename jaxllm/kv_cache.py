@@ -47,13 +47,6 @@ class KVCache:
     def block_size(self) -> int:
         return self.k[0].shape[2]
 
-    def replace_layer(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
-        return KVCache(k=self.k[:layer] + (k,) + self.k[layer + 1:], v=self.v[:layer] + (v,) + self.v[layer + 1:])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-
 
 @functools.partial(
     jax.tree_util.register_dataclass,

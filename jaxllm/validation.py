@@ -1,18 +1,35 @@
 """The one place a request is checked against the model and the deployment's limits.
 
 The engine and the server both call `validate_request`, so a request refused by one is refused by the other with the
-same message. Every failure is a ValueError naming the field and the limit; `ContextLengthExceededError` is the
-subclass the server maps to OpenAI's code="context_length_exceeded".
+same message; the scheduler only asserts what it was promised. Every failure is a ValueError naming the field and
+the limit; `ContextLengthExceededError` is the subclass the server maps to OpenAI's code="context_length_exceeded".
 """
 
 import dataclasses
 import numbers
 
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduling.block_manager import max_blocks_needed
 
 
 class ContextLengthExceededError(ValueError):
     """The prompt, or prompt + max_tokens, does not fit max_model_len."""
+
+
+class RequestTooLargeError(ValueError):
+    """The request could never be scheduled with this configuration (KV pool or max_num_seqs too small)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedRequest:
+    """A validated request, ready for the scheduler (made on any thread; added on the engine's)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    cache_salt: str | None = None
 
 
 def validate_prompt_token_ids(prompt_token_ids, *, vocab_size: int) -> list[int]:
@@ -22,8 +39,7 @@ def validate_prompt_token_ids(prompt_token_ids, *, vocab_size: int) -> list[int]
     ids = list(prompt_token_ids)
     if not ids:
         raise ValueError("The prompt is empty: prompt_token_ids must contain at least one token.")
-    # Plain ints (the usual case) are checked by type alone: an isinstance against numbers.Integral per token cost
-    # ~2 ms of a 1024-token prompt's time to first token, and all() over a generator ~0.07 ms where this takes 0.05.
+    # Plain ints (the usual case) are checked by type alone, not per token (docs/perf-notes.md#host-work-per-request).
     if set(map(type, ids)) != {int}:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, numbers.Integral):
@@ -44,9 +60,12 @@ def _check_ids_in_vocab(name: str, ids, vocab_size: int) -> None:
 
 def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len: int, vocab_size: int,
                      max_logprobs: int = 20, max_n: int = 16, max_stop_strings: int = 16,
-                     max_stop_string_len: int = 256) -> tuple[list[int], SamplingParams]:
+                     max_stop_string_len: int = 256, max_num_seqs: int | None = None,
+                     num_kv_blocks: int | None = None, block_size: int = 16) -> tuple[list[int], SamplingParams]:
     """Check one request; return its prompt as a list of plain ints (the one conversion of the ids a request gets)
-    and a copy of `params` with max_tokens resolved (None -> max_model_len - prompt).
+    and a copy of `params` with max_tokens resolved (None -> max_model_len - prompt). With max_num_seqs and
+    num_kv_blocks (the usable device blocks of `block_size` tokens) it must also fit the engine alone
+    (RequestTooLargeError otherwise), so the oldest running request can always make progress.
 
     Raises ValueError (ContextLengthExceededError for length problems). Cheap whatever the request claims: n=10**6
     or a 4 MiB stop list is refused before anything is allocated for it.
@@ -84,6 +103,14 @@ def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len:
             f"(max_tokens)). Please reduce the length of the prompt or max_tokens.")
     if params.min_tokens > max_tokens:
         raise ValueError(f"min_tokens must be at most max_tokens ({max_tokens}), got {params.min_tokens}.")
+    if max_num_seqs is not None and params.n > max_num_seqs:
+        raise RequestTooLargeError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs}).")
+    need = None if num_kv_blocks is None else max_blocks_needed(num_prompt, max_tokens, params.n, block_size)
+    if need is not None and need > num_kv_blocks:
+        raise RequestTooLargeError(
+            f"The request needs up to {need} KV blocks (prompt {num_prompt} + max_tokens {max_tokens} tokens, "
+            f"n={params.n}, block_size {block_size}) but the KV cache has only {num_kv_blocks} blocks. Lower "
+            f"max_tokens or n, or give the KV cache more memory (gpu_memory_utilization).")
     if max_tokens == params.max_tokens:
         return ids, params.clone()
     return ids, dataclasses.replace(params, max_tokens=max_tokens)

@@ -97,7 +97,7 @@ def run(config: EngineConfig, options: ServerOptions) -> int:
     """Serve `config`'s engine as `options` say until a signal; -> the process's exit code."""
     _configure_logging(options.uvicorn_log_level)
     if config.node_rank > 0:  # a follower host: it runs node 0's steps and serves nothing
-        from jaxllm.distributed import run_worker
+        from jaxllm.runtime.follower import run_worker
 
         run_worker(config)
         return 0

@@ -125,7 +125,7 @@ def test_aborting_some_of_many_in_flight_requests_leaves_the_rest_exact(engine, 
 
 
 def test_many_short_requests_leave_no_state_behind(engine):
-    engine_state = (len(engine._prompt_logprobs), engine.get_num_unfinished_requests())
+    engine_state = _state_sizes(engine)
     for round_ in range(3):
         for i in range(100):
             engine.add_request(f"s{round_}-{i}", {"prompt_token_ids": _ids(i, 3 + i % 20)},
@@ -133,4 +133,10 @@ def test_many_short_requests_leave_no_state_behind(engine):
                                               prompt_logprobs=1 if i % 10 == 0 else None))
         outputs = _finish(engine)
         assert len(outputs) == 100
-    assert (len(engine._prompt_logprobs), engine.get_num_unfinished_requests()) == engine_state
+    assert _state_sizes(engine) == engine_state
+
+
+def _state_sizes(engine) -> tuple[int, ...]:
+    """How many requests the engine's per-request tables hold."""
+    return (len(engine.outputs._prompt_logprobs._recorded), len(engine.outputs._samples),
+            len(engine.step_builder._constants), engine.get_num_unfinished_requests())

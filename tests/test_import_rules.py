@@ -23,9 +23,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("jaxllm", "serving", "pallas_kernels", "benchmarks")
 HOST_ONLY = ("jaxllm.scheduling", "jaxllm.sampling_params", "jaxllm.validation", "jaxllm.outputs")
-ALLOWED_CYCLES = [
-    {"jaxllm.distributed", "jaxllm.runtime.runner"},  # removed by the boundary branch
-]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +103,8 @@ def _arrows(name: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) -> 
     return arrows
 
 
-def find_cycles(graph: dict[str, list[Arrow]], allowed=()) -> list[list[str]]:
-    """One cycle path (first module repeated at the end) per strongly connected component not in `allowed`."""
+def find_cycles(graph: dict[str, list[Arrow]]) -> list[list[str]]:
+    """One cycle path (first module repeated at the end) per strongly connected component."""
     edges = {m: sorted({a.target for a in arrows if a.target in graph and a.target != m})
              for m, arrows in graph.items()}
     index, low, stack, on_stack, components = {}, {}, [], set(), []
@@ -136,7 +133,7 @@ def find_cycles(graph: dict[str, list[Arrow]], allowed=()) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    return [_cycle_path(sorted(c)[0], c, edges) for c in components if c not in [set(a) for a in allowed]]
+    return [_cycle_path(sorted(c)[0], c, edges) for c in components]
 
 
 def _cycle_path(start: str, component: set[str], edges: dict[str, list[str]]) -> list[str]:
@@ -201,7 +198,7 @@ def test_the_graph_sees_every_package(graph):
 
 
 def test_no_import_cycles(graph):
-    assert find_cycles(graph, ALLOWED_CYCLES) == []
+    assert find_cycles(graph) == []
 
 
 def test_no_forbidden_arrows(graph):
@@ -230,7 +227,6 @@ def test_the_checker_reports_a_planted_cycle_and_a_planted_arrow(tmp_path):
         (tmp_path / name).write_text(text)
     planted = import_graph(tmp_path)
     assert find_cycles(planted) == [["jaxllm.engine", "jaxllm.runner", "jaxllm.engine"]]
-    assert find_cycles(planted, allowed=[{"jaxllm.engine", "jaxllm.runner"}]) == []
     assert find_violations(planted) == [
         "the engine never imports the server: jaxllm.report -> serving.app (jaxllm.report:1)",
         "host scheduling is plain Python: jaxllm.scheduling.helpers -> numpy (jaxllm.scheduling.helpers:1)",

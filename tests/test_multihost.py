@@ -1,5 +1,5 @@
 """Multi-host: two processes on this machine, 2 CPU devices each, one model at tensor_parallel_size 4 over both
-through jax.distributed. Node 0 runs LLM.generate; node 1 runs jaxllm.distributed.run_worker and replays node 0's
+through jax.distributed. Node 0 runs LLM.generate; node 1 runs jaxllm.run_worker and replays node 0's
 device operations. The outputs must be exactly the single-process ones (= Hugging Face's greedy tokens, which
 TP = 1 reproduces: test_tensor_parallel), and prompt logprobs must match the golden logits."""
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxllm import EngineConfig
+from jaxllm.runtime import kv_sizing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LLAMA3 = ROOT / "tests" / "fixtures" / "llama3"
@@ -60,7 +61,8 @@ if rank == 0:
                                   for lp in scored.prompt_logprobs],
               "kv": kv, "ops": ops}
 else:
-    distributed.run_worker(EngineConfig(**config))
+    from jaxllm import run_worker
+    run_worker(EngineConfig(**config))
     result = {"ops": ops}
 print("RESULT" + json.dumps(result))
 """
@@ -118,8 +120,8 @@ def test_multi_node_config_is_validated():
     with pytest.raises(ValueError, match=r"tensor_parallel_size \(1\) must be >= nnodes \(2\)"):
         EngineConfig(nnodes=2, master_addr="10.0.0.1")
     config = EngineConfig(nnodes=2, node_rank=1, master_addr="10.0.0.1", tensor_parallel_size=2, swap_space=4)
-    assert config.swap_space == 0  # preemption recomputes across hosts
-    assert EngineConfig(swap_space=4).swap_space == 4
+    assert kv_sizing.num_cpu_blocks(config, 2**20) == 0  # preemption recomputes across hosts
+    assert kv_sizing.num_cpu_blocks(EngineConfig(swap_space=4), 2**20) == 4096
 
 
 def test_multinode_example_is_one_consistent_jax_distributed_job():

@@ -41,15 +41,23 @@ def test_steps_update_the_cache_in_place(engine):
 
 def test_block_copies_and_swaps_update_the_cache_in_place(engine):
     runner = engine.runner
+    engine.add_request("own", {"prompt_token_ids": list(range(5, 45))},
+                       SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    engine.step()  # the 40-token prompt in one step: its keys are in the blocks of its table
+    table = list(engine.scheduler.get_group("own").seqs[0].block_table)
+    while engine.has_unfinished_requests():
+        engine.step()
+    src = table[0]
+    a, b, c = [block for block in range(1, runner.kv_plan.num_blocks) if block not in table][:3]
     pointers = _pointers(runner.kv_cache)
-    k_before = np.asarray(runner.kv_cache.k[0][:, 3])
-    assert np.abs(k_before).sum() > 0, "block 3 should hold keys written by the previous test's requests"
-    runner.copy_blocks([(3, 5), (4, 6)])
-    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k[0][:, 5]), k_before)
-    runner.swap_out([(3, 0)])
-    runner.copy_blocks([(6, 3)])  # overwrite block 3, then bring the swapped copy back into block 7
-    runner.swap_in([(0, 7)])
-    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k[0][:, 7]), k_before)
+    k_before = np.asarray(runner.kv_cache.k[0][:, src])
+    assert np.abs(k_before).sum() > 0, "the request's first block should hold its keys"
+    runner.copy_blocks([(src, a)])
+    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k[0][:, a]), k_before)
+    runner.swap_out([(src, 0)])
+    runner.copy_blocks([(b, src)])  # overwrite the block, then bring the swapped copy back into another one
+    runner.swap_in([(0, c)])
+    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k[0][:, c]), k_before)
     assert _pointers(runner.kv_cache) == pointers
 
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.runtime.sampler import _filter, prompt_logprobs, process_logits, sample
+from jaxllm.runtime.sampler import _filter, process_logits, prompt_logprobs, sample
 from jaxllm.runtime.sampling_metadata import SamplingMetadata, SamplingRow
 
 _sample = jax.jit(sample)
@@ -15,7 +15,7 @@ _process = jax.jit(process_logits)
 
 @dataclasses.dataclass
 class Params:
-    """Stands in for jaxllm.sampling_params.SamplingParams: same field names and defaults as vLLM."""
+    """Stands in for SamplingParams (SamplingRow.params): its field names and defaults, without its range checks."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -302,8 +302,6 @@ def test_build_pads_to_buckets_sets_flags_and_validates():
     plain = SamplingMetadata.build([row(top_k=5, temperature=0.0)], pad_rows_to=2, vocab_size=100)
     assert (plain.any_penalties, plain.any_topk_topp_minp, plain.any_bias_or_mask) == (False, False, False)
     assert plain.output_ids.shape == (2, 1)  # unused history is not shipped
-    generic = SamplingMetadata.build([row(logprobs=1)], pad_rows_to=2, vocab_size=100, specialize=False)
-    assert generic.any_penalties and generic.any_topk_topp_minp and generic.num_logprobs == 20
     assert SamplingMetadata.build([row(logprobs=-1)], pad_rows_to=1, vocab_size=100).num_logprobs == 100
     assert list(SamplingMetadata.build([row(seed=-1)], pad_rows_to=1, vocab_size=9).seed[0]) == [2**32 - 1] * 2
     with pytest.raises(ValueError, match="logit_bias"):

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from jaxllm.sampling_params import SamplingParams, SamplingType
-from jaxllm.validation import ContextLengthExceededError, validate_prompt_token_ids, validate_request
+from jaxllm.validation import (
+    ContextLengthExceededError,
+    RequestTooLargeError,
+    validate_prompt_token_ids,
+    validate_request,
+)
 
 VOCAB, MAX_LEN = 100, 64
 
@@ -105,6 +110,19 @@ def test_context_length_errors_have_their_own_class(prompt_len, max_tokens):
     with pytest.raises(ContextLengthExceededError, match=str(MAX_LEN)):
         validate_request([1] * prompt_len, SamplingParams(max_tokens=max_tokens), max_model_len=MAX_LEN,
                          vocab_size=VOCAB)
+
+
+def test_a_request_that_can_never_fit_the_engine_is_refused_up_front():
+    engine = dict(max_model_len=100, vocab_size=VOCAB, num_kv_blocks=4, block_size=4, max_num_seqs=8)  # 16 tokens
+    with pytest.raises(RequestTooLargeError, match="KV blocks"):
+        validate_request([1] * 10, SamplingParams(max_tokens=8), **engine)
+    validate_request([1] * 10, SamplingParams(max_tokens=7), **engine)  # 16 tokens in the cache: the last is not
+    with pytest.raises(RequestTooLargeError, match="n=2"):
+        validate_request([1] * 4, SamplingParams(max_tokens=8, n=2), **engine)
+    with pytest.raises(ContextLengthExceededError, match="maximum context length is 100"):
+        validate_request([1] * 90, SamplingParams(max_tokens=20), **engine)
+    with pytest.raises(RequestTooLargeError, match="max_num_seqs"):
+        validate_request([1] * 8, SamplingParams(max_tokens=4, n=3), **{**engine, "max_num_seqs": 2})
 
 
 def test_validate_request_limits_are_configurable():

@@ -17,7 +17,7 @@ def _padded(indices: list[int]) -> np.ndarray:
     return np.asarray(list(indices) + [NULL_BLOCK] * (size - len(indices)), np.int32)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnames="kv_cache")
 def _copy(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
     return KVCache(k=tuple(k.at[:, dst].set(k[:, src]) for k in kv_cache.k),
                    v=tuple(v.at[:, dst].set(v[:, src]) for v in kv_cache.v))
@@ -28,7 +28,7 @@ def _gather(kv_cache: KVCache, blocks: jax.Array):
     return jnp.stack([k[:, blocks] for k in kv_cache.k]), jnp.stack([v[:, blocks] for v in kv_cache.v])
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnames="kv_cache")
 def _scatter(kv_cache: KVCache, blocks: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array) -> KVCache:
     return KVCache(k=tuple(k.at[:, blocks].set(kb) for k, kb in zip(kv_cache.k, k_blocks)),
                    v=tuple(v.at[:, blocks].set(vb) for v, vb in zip(kv_cache.v, v_blocks)))

@@ -12,13 +12,19 @@ import numpy as np
 from jaxllm.kv_cache import NULL_BLOCK, AttentionMetadata
 from jaxllm.runtime.buckets import BatchLayout
 
-
 assert NULL_BLOCK == 0, "pack pads block tables by leaving the buffer's zeros"
 
 
-def feed(row: int) -> int:
-    """The token id that stands for "the token the previous step sampled in `row`" (resolved on device)."""
+def fed_token(row: int) -> int:
+    """The token id that stands for "the token the previous step sampled in `row`": how a run-ahead placeholder
+    (scheduling.sequence.RUN_AHEAD_TOKEN) is sent, so step N + 1 is dispatched while step N still runs."""
     return -(row + 1)
+
+
+def resolve_fed_tokens(token_ids: jax.Array, last_tokens: jax.Array) -> jax.Array:
+    """Inside the jitted step: each `fed_token(r)` replaced by last_tokens[r], the previous step's sampled ids."""
+    fed = last_tokens[jnp.clip(-token_ids - 1, 0, last_tokens.shape[0] - 1)]
+    return jnp.where(token_ids < 0, fed, token_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +45,12 @@ def _sections(layout: BatchLayout) -> list[tuple[str, tuple[int, ...]]]:
 def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.ndarray:
     """Lay the batch out in one i32 buffer. Padding tokens write to the null block and belong to no sequence.
 
-    Vectorised over tokens: at 256 decodes a per-sequence loop of small numpy ops cost milliseconds per step. The
-    sections are views of the one zeroed buffer (no copy to join them): the block tables are [S, M], 8 MB at 256
-    sequences of Llama-3.1-8B's 131072-token context, and zero is the null block they are padded with."""
+    Vectorised over tokens, and the sections are views of the one zeroed buffer (no copy to join them; zero is the
+    null block the block tables are padded with): docs/perf-notes.md#host-work-per-step."""
     buffer = np.zeros(buffer_size(layout), np.int32)
     arrays, offset = {}, 0
     for name, shape in _sections(layout):
-        size = math.prod(shape)  # not np.prod: ~5 us a call on a tuple, 14 calls a third of a 1024-token prefill's pack
+        size = math.prod(shape)  # not np.prod, slow on a tuple (docs/perf-notes.md#host-work-per-step)
         arrays[name] = buffer[offset:offset + size].reshape(shape)
         offset += size
     lengths = np.fromiter((len(w.token_ids) for w in work), np.int32, len(work))

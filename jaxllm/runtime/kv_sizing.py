@@ -37,12 +37,10 @@ class ResidentMark:
     """A device's memory in use, and its live arrays' bytes, before the engine made anything: the engine's resident
     bytes later are the first plus what the second grew by.
 
-    Why not the allocator's "in use" after loading: it also counts buffers already dropped whose release waits for
-    the GPU to pass them (each transposed param's checkpoint-layout copy, the fused projections' parts), and how many
-    are still waiting varies from one start to the next. A cache sized from it came out 39,555 blocks on a cold start
-    and 39,316 on the warm one (Llama-3.1-8B, an H200, params placed from threads): every step program's shape
-    changed with it, and the warm start missed the compile cache (benchmarks/RESULTS.md, ninth session). The
-    largest free block (kv_budget_bytes) still depends on that timing; it decides only when memory is split."""
+    Not the allocator's "in use" after loading: that also counts dropped buffers whose release waits for the GPU,
+    a number that varies from start to start, and with it every step program's shape and the compile cache's hits
+    (docs/perf-notes.md#kv-cache-sizing-the-largest-free-block-and-resident-bytes). The largest free block
+    (kv_budget_bytes) still depends on that timing; it decides only when memory is split."""
 
     in_use: int
     array_bytes: int
@@ -72,12 +70,9 @@ def kv_budget_bytes(config: EngineConfig, device: jax.Device, *, activation_byte
     """Bytes left for the KV cache on one device once the engine's resident bytes (the weights, `resident`) and the
     largest step's activations are accounted for.
 
-    Free memory need not be usable: with params created in tree order, fusing the projections after loading left
-    each layer's separate projections' space as holes between the weights (7.3 GB of 96 GB free for Llama-3.1-8B
-    on an H200, benchmarks/memory.py), smaller than one layer's share of the cache; at 70B / tp 4 an estimated
-    ~18 GB a device, and a cache sized from the free total left the allocator failing. The loaders now create those
-    params last (fusion.create_parts_last), and whatever holes remain, the cache and after it the step's temporaries (one
-    contiguous buffer) are sized to come out of the largest free block."""
+    Free memory need not be usable: holes between the weights can be smaller than one layer's share of the cache
+    (docs/perf-notes.md#kv-cache-sizing-the-largest-free-block-and-resident-bytes). So the cache, and after it the
+    step's temporaries (one contiguous buffer), are sized to come out of the largest free block."""
     if config.kv_cache_memory_bytes is not None:
         return config.kv_cache_memory_bytes
     stats = _allocator_stats(device)
@@ -124,6 +119,14 @@ def plan_kv_cache(config: EngineConfig, *, budget_bytes: int, block_bytes: int, 
     max_model_len = max(config.block_size, max_model_len)
     return KVPlan(num_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len,
                   bytes_per_block=block_bytes)
+
+
+def num_cpu_blocks(config: EngineConfig, bytes_per_block: int) -> int:
+    """The CPU pool for swapped-out blocks: swap_space GiB, or none across hosts (a host holds only its shards of a
+    block, so preemption recomputes instead, as vLLM V1 always does)."""
+    if config.nnodes > 1:
+        return 0
+    return int(config.swap_space * 2**30 // bytes_per_block)
 
 
 def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:

@@ -1,18 +1,20 @@
 """ModelRunner: owns the device state (weights, KV cache) and every jit site of the engine.
 
-One step: pack the batch into one i32 buffer and the sampler's inputs into another (host arrays, handed to the
-jitted calls as they are), copy the step's into its bucket's input buffer, run the jitted model with the KV cache
-donated, sample on device, and bring back only the sampled ids (and requested logprobs).
+One step (`dispatch` of a StepWork, runtime/step_builder.py): pack the batch into one i32 buffer and the sampler's
+inputs into another (host arrays, handed to the jitted calls as they are), copy the step's into its bucket's input
+buffer, run the jitted model with the KV cache donated, sample on device, and bring back only the sampled ids (and
+requested logprobs).
 
 Every buffer the model step reads or writes keeps its device address from step to step: the params, the KV cache
 and the logits buffer (donated and written in place), the bucket's input buffer, the fed-back sampled ids (written
 in place by the sampler). XLA runs the step as a CUDA graph and, before a launch, re-records every command whose
-buffers moved; with nothing moved it only launches the graph (RESULTS.md: at batch 1 that took the ~1.8 ms re-record
-out of every step; at batch 256 XLA still re-captures the cuBLAS gemms, behind the GPU's work).
+buffers moved; with nothing moved it only launches the graph
+(docs/perf-notes.md#cuda-graph-updates-and-stable-buffer-addresses).
 
 Tensor parallelism is the mesh: params, KV cache and kernels are sharded over its "tp" axis (jaxllm.sharding), the
 step's inputs and the logits are replicated, so the sampler sees the whole vocabulary. Across hosts the leader's
-runner broadcasts every device operation and the followers' runners replay it (`follow`, jaxllm.distributed).
+runner broadcasts every device operation over jaxllm.distributed's channel and the followers' runners replay it
+(runtime/follower.py).
 """
 
 import concurrent.futures
@@ -33,6 +35,7 @@ from jaxllm.runtime import block_ops, inputs, kv_sizing, transfer
 from jaxllm.runtime.buckets import BatchLayout, BucketPlan
 from jaxllm.runtime.compiler_options import step_compiler_options
 from jaxllm.runtime.sampler import Logprobs, SamplerOutput, SamplingMetadata, prompt_logprobs, sample
+from jaxllm.runtime.step_builder import StepWork
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +77,18 @@ class ModelRunner:
         progress("loading weights", 1, 1)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
-        # Outputs pinned to the shardings their buffers start with: left to propagation the logits came out as
-        # P("tp", None), so the step after a bucket's first, given them, missed jit's cache and lowered again (1 ms
-        # of host time on an H200) into a new CUDA graph (5 ms to instantiate).
-        self._step = jax.jit(self._step_fn, static_argnums=(5,), donate_argnums=(1, 4),
+        # Outputs pinned to the shardings their buffers start with, or a bucket's second step misses jit's cache
+        # (docs/perf-notes.md#step-outputs-pinned-to-their-input-shardings).
+        self._step = jax.jit(self._step_fn, static_argnames=("layout",), donate_argnames=("kv_cache", "logits_out"),
                              out_shardings=(sharding.kv_sharding(self.mesh), self._replicated),
                              compiler_options=step_compiler_options(config, self.platform))
         # The calls that take a step's host arrays copy them to the devices themselves, replicated (so across hosts
-        # too: each process gives its own copy of the same value), in C++: a jax.device_put of the step's and the
-        # sampler's buffers before them cost ~0.3 ms of host time per step more (2-core CPU).
-        self._sample = jax.jit(self._sample_fn, static_argnums=(2, 3), donate_argnums=(4,),
+        # too: each process gives its own copy of the same value), in C++, cheaper than a jax.device_put first.
+        self._sample = jax.jit(self._sample_fn, static_argnames=("layout", "rows"), donate_argnames=("last_tokens",),
                                in_shardings=self._replicated, out_shardings=self._replicated)
-        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,), in_shardings=self._replicated,
-                                        out_shardings=self._replicated)
-        self._copy_into = jax.jit(_copy_into, donate_argnums=(0,), in_shardings=self._replicated)
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnames=("k",),
+                                        in_shardings=self._replicated, out_shardings=self._replicated)
+        self._copy_into = jax.jit(_copy_into, donate_argnames=("held",), in_shardings=self._replicated)
         # Per bucket, the device buffer the step reads its inputs from, rewritten in place every step (`_stage`): for
         # Llama-3.1-8B's 15 GPU buckets at 131072 tokens of context, 69 MiB in all (block tables dominate).
         self._staged: dict[BatchLayout, jax.Array] = {}
@@ -138,10 +139,7 @@ class ModelRunner:
         """-> (kv_cache, logits): `logits_out` (donated) with the step's logits in its first rows, or, when it is
         None (steps with prompt logprobs: a row per token), the logits alone."""
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
-        # Run-ahead: a token id -(r + 1) stands for the token sampled in row r of the previous step, which the host
-        # has not seen yet (`inputs.feed`), so step N + 1 is dispatched while step N still runs.
-        fed = last_tokens[jnp.clip(-token_ids - 1, 0, last_tokens.shape[0] - 1)]
-        token_ids = jnp.where(token_ids < 0, fed, token_ids)
+        token_ids = inputs.resolve_fed_tokens(token_ids, last_tokens)  # run-ahead placeholders
         kv_cache, logits = self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
         # The lm_head is vocab-parallel: each device computes its slice of the vocabulary, then the logits (not the
         # lm_head, which XLA would otherwise gather on small batches) are gathered so the sampler sees them whole.
@@ -236,32 +234,31 @@ class ModelRunner:
         """Wait for a dispatched step and bring its outputs to the host."""
         return _fetch(pending)
 
-    def dispatch(self, work: Sequence[inputs.SeqWork], sampling_rows: Sequence, *,
-                 prompt_logprobs_k: int | None = None, successors: Sequence[Sequence[int]] = ()):
+    def dispatch(self, step: StepWork):
         """Start one step on the device and return at once; `fetch` gives the sampler's host-side output, one row
-        per entry of `work` (rows of sequences whose logits are not needed are computed on padding and ignored by
-        the caller), and, when prompt_logprobs_k is given, for every token row the logprob and rank of
-        `successors[s][i]` (the token after work[s].token_ids[i]) with the top-k alternatives; rows the caller
-        has no successor for are garbage it skips. Token ids may be `inputs.feed(row)` placeholders for tokens the
-        previous step samples."""
+        per entry of step.work (rows of sequences whose logits are not needed are computed on padding and ignored by
+        the caller), and, with step.prompt_logprobs_k, for every token row the logprob and rank of its successor
+        with the top-k alternatives; rows the caller has no successor for are garbage it skips."""
+        work = step.work
         decode_only = all(len(w.token_ids) == 1 for w in work)
-        all_logits = prompt_logprobs_k is not None
+        k = step.prompt_logprobs_k
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
-                                   all_logits=all_logits)
+                                   all_logits=k is not None)
         step_inputs = inputs.pack(work, layout, self.config.block_size)
-        metadata = SamplingMetadata.build(sampling_rows, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
+        metadata = SamplingMetadata.build(step.sampling, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
         sampling, sampling_layout = transfer.pack(metadata)
-        rows = _successor_rows(work, successors, layout.num_tokens, layout.num_seqs) if all_logits else ()
+        rows = _successor_rows(work, step.successors, layout.num_tokens, layout.num_seqs) if k is not None else ()
         if self.channel is not None:
             self.channel.send("step", {"layout": dataclasses.astuple(layout), "sampling": _static_fields(metadata),
-                                       "leaves": sampling_layout.leaves, "k": prompt_logprobs_k},
+                                       "leaves": sampling_layout.leaves, "k": k},
                               np.concatenate([step_inputs, sampling, *rows]))
-        return self._device_step(layout, step_inputs, sampling, sampling_layout, prompt_logprobs_k, rows)
+        return self.device_step(layout, step_inputs, sampling, sampling_layout, k, rows)
 
-    def _device_step(self, layout: BatchLayout, step_inputs: np.ndarray, sampling: np.ndarray,
-                     sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows):
-        # Two host buffers, so the model step's compiled shape depends on the bucket only. (Slicing one buffer on the
-        # device instead cost a dispatch of its own, 0.3-0.4 ms of host time per step on an H200.)
+    def device_step(self, layout: BatchLayout, step_inputs: np.ndarray, sampling: np.ndarray,
+                    sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows):
+        """The device half of `dispatch` (a follower runs it on what the leader sent)."""
+        # Two host buffers, so the model step's compiled shape depends on the bucket only (one sliced on the device
+        # would cost a dispatch of its own).
         logits = self.forward(self._stage(layout, step_inputs), layout)
         prompt = None
         if prompt_logprobs_k is not None:
@@ -275,43 +272,16 @@ class ModelRunner:
         from step to step.
 
         XLA runs the step as a CUDA graph and, before each launch, updates every command whose buffers moved. The
-        inputs are read by every layer (positions, slots, block tables), and a fresh transfer lands at a new address:
-        at batch 256 on an H200 the update took ~6 ms of host time per step and the launch ~2.4 ms (RESULTS.md).
-        A donated copy (one small kernel) writes the new inputs where the previous ones were; the step in flight
-        still reads the old ones, as the copy runs after it on the device.
+        inputs are read by every layer (positions, slots, block tables), and a fresh transfer lands at a new address
+        (docs/perf-notes.md#cuda-graph-updates-and-stable-buffer-addresses). A donated copy (one small kernel)
+        writes the new inputs where the previous ones were; the step in flight still reads the old ones, as the copy
+        runs after it on the device.
         """
         held = self._staged.pop(layout, None)
         if held is None:  # a bucket's first step: through the copy too, which compiles now (when not at start-up)
             held = jax.device_put(np.zeros(fresh.shape, fresh.dtype), self._replicated)
         self._staged[layout] = self._copy_into(held, fresh)
         return self._staged[layout]
-
-    def follow(self) -> None:
-        """Nodes 1.. of a multi-node run: replay the leader's device operations until it closes."""
-        assert self.channel is not None and not distributed.is_leader()
-        while True:
-            op, meta, payload = self.channel.receive()
-            if op == "step":
-                self._device_step(*self._decode_step(meta, payload))
-            elif op == "copy":
-                self.copy_blocks([tuple(pair) for pair in meta["pairs"]])
-            elif op == "close":
-                self.close()
-                return
-            else:
-                raise RuntimeError(f"unknown operation {op!r} from the leader")
-
-    def _decode_step(self, meta: dict, payload: np.ndarray):
-        layout = BatchLayout(*meta["layout"])
-        static = meta["sampling"]
-        placeholders = {f.name: 0 for f in dataclasses.fields(SamplingMetadata) if f.name not in static}
-        treedef = jax.tree_util.tree_structure(SamplingMetadata(**placeholders, **static))
-        leaves = tuple((tuple(shape), dtype) for shape, dtype in meta["leaves"])
-        sampling_layout = transfer.PackedLayout(treedef, leaves)
-        cuts = np.cumsum([inputs.buffer_size(layout), sampling_layout.size])
-        step_inputs, sampling, rest = np.split(payload, cuts)
-        rows = tuple(np.split(rest, [layout.num_seqs])) if meta["k"] is not None else ()
-        return layout, step_inputs, sampling, sampling_layout, meta["k"], rows
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if pairs and self.channel is not None and distributed.is_leader():
@@ -327,7 +297,7 @@ class ModelRunner:
         self.kv_cache = self.swap_space.swap_in(self.kv_cache, pairs)
 
     def _check_swap(self, pairs) -> None:
-        # EngineConfig sets swap_space to 0 on several nodes, so preemption recomputes and this never fires.
+        # Several nodes get no CPU blocks (kv_sizing.num_cpu_blocks), so preemption recomputes and this never fires.
         assert not (pairs and self.channel is not None), "KV swapping is not supported across hosts"
 
     def close(self) -> None:

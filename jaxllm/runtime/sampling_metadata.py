@@ -10,13 +10,12 @@ Padding rows are greedy with no penalties, bias or masks, so they cost little an
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
 
-# vLLM's _SAMPLING_EPS: a temperature below this means greedy.
-GREEDY_EPS = 1e-5
+from jaxllm.sampling_params import SAMPLING_EPS, SamplingParams
+
 # Top-logprob counts are rounded up to one of these so the compiled sampler sees few shapes; requests above the
 # last bucket get their exact count. -1 (no logprobs at all) is the static value when no row asks for any.
 LOGPROBS_BUCKETS = (0, 5, 20)
@@ -26,7 +25,7 @@ PAD_ID = -1
 
 @dataclasses.dataclass(frozen=True)
 class SamplingRow:
-    """One sequence to sample for. `params` is duck-typed on vLLM's SamplingParams field names.
+    """One sequence to sample for.
 
     seed: the request's seed, or one the engine derives for unseeded requests (any Python int, taken mod 2**64).
     sample_index: which of the request's n samples this is. position: the position the sampled token will take;
@@ -34,7 +33,7 @@ class SamplingRow:
     with stop_token_ids while fewer than min_tokens tokens have been generated.
     """
 
-    params: Any
+    params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     seed: int
@@ -50,7 +49,16 @@ class RowConstants:
     """The part of a row that never changes during a request, converted and validated once: an engine caches it
     per sample so building a 256-row batch costs a few array copies, not thousands of attribute reads."""
 
-    scalars: tuple  # temperature, greedy, top_k, top_p, min_p, presence, frequency, repetition, seed hi, seed lo, index
+    temperature: float  # 1.0 on greedy rows so nothing divides by ~0
+    greedy: bool
+    top_k: int  # 0 = off
+    top_p: float
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    seed: int  # in [0, 2**64)
+    sample_index: int
     stop_ids: tuple[int, ...]  # EOS + stop_token_ids, masked while fewer than min_tokens were generated
     min_tokens: int
     bias_ids: tuple[int, ...]
@@ -61,26 +69,37 @@ class RowConstants:
     @classmethod
     def of(cls, row: SamplingRow, vocab_size: int) -> "RowConstants":
         p = row.params
-        t = float(getattr(p, "temperature", 1.0))
-        greedy = t < GREEDY_EPS
-        k = int(getattr(p, "top_k", 0) or 0)
-        s = int(row.seed) % (1 << 64)
-        scalars = (1.0 if greedy else t, greedy, 0 if k <= 0 or k >= vocab_size else k,  # vLLM: top_k -1 is off
-                   float(getattr(p, "top_p", 1.0)), float(getattr(p, "min_p", 0.0)),
-                   float(getattr(p, "presence_penalty", 0.0)), float(getattr(p, "frequency_penalty", 0.0)),
-                   float(getattr(p, "repetition_penalty", 1.0)), s >> 32, s & 0xFFFFFFFF, row.sample_index)
-        stop = sorted(set(list(getattr(p, "stop_token_ids", None) or ()) + list(row.eos_token_ids)))
+        greedy = p.temperature < SAMPLING_EPS
+        k = int(p.top_k or 0)
+        stop = sorted(set(list(p.stop_token_ids or ()) + list(row.eos_token_ids)))
         _check_ids(stop, vocab_size, "stop_token_ids")
-        bias = getattr(p, "logit_bias", None) or {}
+        bias = p.logit_bias or {}
         bias_ids = tuple(int(t) for t in bias)
         _check_ids(bias_ids, vocab_size, "logit_bias")
-        allowed = tuple(getattr(p, "allowed_token_ids", None) or ())
+        allowed = tuple(p.allowed_token_ids or ())
         _check_ids(allowed, vocab_size, "allowed_token_ids")
-        lp = getattr(p, "logprobs", None)
-        # vLLM reads logprobs=-1 as "the whole vocabulary".
+        lp = p.logprobs  # vLLM reads logprobs=-1 as "the whole vocabulary"
         logprobs = -1 if lp is None else (vocab_size if int(lp) < 0 else min(int(lp), vocab_size))
-        return cls(scalars, tuple(stop), int(getattr(p, "min_tokens", 0) or 0), bias_ids,
-                   tuple(float(v) for v in bias.values()), allowed, logprobs)
+        return cls(temperature=1.0 if greedy else float(p.temperature), greedy=greedy,
+                   top_k=0 if k <= 0 or k >= vocab_size else k,  # vLLM: top_k -1 is off
+                   top_p=float(p.top_p), min_p=float(p.min_p), presence_penalty=float(p.presence_penalty),
+                   frequency_penalty=float(p.frequency_penalty), repetition_penalty=float(p.repetition_penalty),
+                   seed=int(row.seed) % (1 << 64), sample_index=row.sample_index, stop_ids=tuple(stop),
+                   min_tokens=int(p.min_tokens or 0), bias_ids=bias_ids,
+                   bias_values=tuple(float(v) for v in bias.values()), allowed_ids=allowed, logprobs=logprobs)
+
+    @functools.cached_property
+    def scalar_row(self) -> tuple:
+        """The scalar fields as one row of `_SCALARS`, in its order: a batch converts them all in one call."""
+        return (self.temperature, self.greedy, self.top_k, self.top_p, self.min_p, self.presence_penalty,
+                self.frequency_penalty, self.repetition_penalty, self.seed >> 32, self.seed & 0xFFFFFFFF,
+                self.sample_index)
+
+
+# The columns of RowConstants.scalar_row, and a padding row's values: greedy, no filters, no penalties, seed 0.
+_SCALARS = ("temperature", "greedy", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "seed_hi", "seed_lo", "sample_index")
+_PADDING_SCALARS = np.array([1.0, 1, 0, 1.0, 0.0, 0.0, 0.0, 1.0, 0, 0, 0], np.float64)
 
 
 def _num_outputs(row: SamplingRow) -> int:
@@ -124,7 +143,7 @@ class SamplingMetadata:
     """
 
     temperature: jax.Array  # f32[S]   1.0 on greedy rows so nothing divides by ~0
-    greedy: jax.Array  # bool[S]       temperature < GREEDY_EPS: take the argmax of the processed logits
+    greedy: jax.Array  # bool[S]       temperature < SAMPLING_EPS: take the argmax of the processed logits
     top_k: jax.Array  # i32[S]         0 = off
     top_p: jax.Array  # f32[S]         1.0 = off
     min_p: jax.Array  # f32[S]         0.0 = off
@@ -152,12 +171,9 @@ class SamplingMetadata:
         return self.temperature.shape[0]
 
     @classmethod
-    def build(cls, rows: Sequence[SamplingRow], *, pad_rows_to: int, vocab_size: int,
-              specialize: bool = True) -> "SamplingMetadata":
+    def build(cls, rows: Sequence[SamplingRow], *, pad_rows_to: int, vocab_size: int) -> "SamplingMetadata":
         """Packs rows into numpy arrays padded to `pad_rows_to` rows and power-of-two list widths.
 
-        specialize=False turns every static flag on (and logprobs to the last bucket if any row wants them), so a
-        runner that compiles ahead of time can trade some speed for fewer compiled variants.
         Raises ValueError naming the field when a token id is outside [0, vocab_size) or rows exceed pad_rows_to.
         """
         n = len(rows)
@@ -165,15 +181,16 @@ class SamplingMetadata:
             raise ValueError(f"{n} sampling rows exceed pad_rows_to={pad_rows_to}")
         S = pad_rows_to
         consts = [row.constants or RowConstants.of(row, vocab_size) for row in rows]
-        # Padding rows: greedy, no filters, no penalties, seed 0.
-        scalars = np.tile(np.array([1.0, 1, 0, 1.0, 0.0, 0.0, 0.0, 1.0, 0, 0, 0], np.float64), (S, 1))
+        scalars = np.tile(_PADDING_SCALARS, (S, 1))
         if n:
-            scalars[:n] = [c.scalars for c in consts]
-        temperature, top_p, min_p = (scalars[:, i].astype(np.float32) for i in (0, 3, 4))
-        presence, frequency, repetition = (scalars[:, i].astype(np.float32) for i in (5, 6, 7))
-        greedy = scalars[:, 1] != 0
-        top_k, sample_index = scalars[:, 2].astype(np.int32), scalars[:, 10].astype(np.int32)
-        seed = scalars[:, 8:10].astype(np.uint32)
+            scalars[:n] = [c.scalar_row for c in consts]
+        column = {name: scalars[:, i] for i, name in enumerate(_SCALARS)}
+        temperature, top_p, min_p = (column[f].astype(np.float32) for f in ("temperature", "top_p", "min_p"))
+        presence, frequency, repetition = (column[f].astype(np.float32) for f in
+                                           ("presence_penalty", "frequency_penalty", "repetition_penalty"))
+        greedy = column["greedy"] != 0
+        top_k, sample_index = column["top_k"].astype(np.int32), column["sample_index"].astype(np.int32)
+        seed = scalars[:, _SCALARS.index("seed_hi"):_SCALARS.index("seed_lo") + 1].astype(np.uint32)
         position = np.zeros((S,), np.int32)
         position[:n] = [len(r.prompt_token_ids) + len(r.output_token_ids) if r.position is None else r.position
                         for r in rows]
@@ -191,11 +208,8 @@ class SamplingMetadata:
             any_topk_topp_minp=bool(((top_k[:n] > 0) | (top_p[:n] < 1) | (min_p[:n] > 0))[random].any()),
             any_bias_or_mask=bool(any(bias_ids) or any(allowed) or suppress.any()),
         )
-        if not specialize:
-            flags = {k: k != "all_greedy" for k in flags}
         if max_logprobs >= 0:
-            buckets = LOGPROBS_BUCKETS if specialize else LOGPROBS_BUCKETS[-1:]
-            max_logprobs = next((b for b in buckets if b >= max_logprobs), max_logprobs)
+            max_logprobs = next((b for b in LOGPROBS_BUCKETS if b >= max_logprobs), max_logprobs)
         history = flags["any_penalties"]
         masks = flags["any_bias_or_mask"]
         outputs = [r.output_token_ids for r in rows] if history else []

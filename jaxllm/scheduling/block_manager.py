@@ -26,8 +26,7 @@ def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], cac
 def hash_blocks(parent: bytes | None, token_ids: list[int] | tuple[int, ...], block_size: int,
                 cache_salt: str | None) -> list[bytes]:
     """hash_block of each full block of token_ids in turn, the first chained on `parent`. The ids become bytes once
-    for all the blocks and each digest is one call: 63 blocks of a 1024-token prompt hash in ~0.12 ms instead of
-    ~0.21 ms (2-core CPU)."""
+    for all the blocks and each digest is one call (docs/perf-notes.md#host-work-per-request)."""
     salt, data, size = _salt(cache_salt), memoryview(array.array("q", token_ids)).cast("B"), 8 * block_size
     hashes = []
     for start in range(0, len(data) - size + 1, size):
@@ -52,6 +51,13 @@ def _chain(parent: bytes | None, salt: bytes, ids) -> bytes:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def max_blocks_needed(num_prompt: int, max_tokens: int, n: int, block_size: int) -> int:
+    """The most device blocks a request holds at once. The last sampled token is never written to the cache (hence
+    - 1); the n samples share the full blocks before the last prompt token and may each own the rest."""
+    shared = (num_prompt - 1) // block_size
+    return shared + n * (cdiv(num_prompt + max_tokens - 1, block_size) - shared)
 
 
 class BlockManager:

@@ -8,7 +8,8 @@ Each step has a budget of max_num_batched_tokens tokens and at most max_num_seqs
 3. If nothing is left swapped, waiting requests are admitted first come first served, with their prefix-cache hits
    attached and their first prompt chunk in what is left of the budget. The head of the queue blocks the rest, so
    a large request is never starved by small ones behind it.
-add() refuses a request that could not fit the pool alone, so the oldest running request always makes progress.
+add() takes only requests validated to fit the pool alone (jaxllm.validation), so the oldest running request always
+makes progress.
 
 Engine loop: out = schedule(); run out on the device; seqs = update(out, sampled); detokenize seqs and call finish()
 on stop strings. abort() may be called between steps.
@@ -18,25 +19,9 @@ import bisect
 import collections
 import dataclasses
 
-from jaxllm.scheduling.block_manager import BlockManager, cdiv
+from jaxllm.scheduling.block_manager import BlockManager, max_blocks_needed
 from jaxllm.scheduling.scheduler_output import ScheduledSequence, SchedulerOutput
-from jaxllm.scheduling.sequence import Sequence, SequenceGroup, SequenceStatus
-from jaxllm.validation import ContextLengthExceededError
-
-
-class RequestTooLargeError(ValueError):
-    """The request could never be scheduled with this configuration (KV pool or max_num_seqs too small)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerStats:
-    num_running_reqs: int
-    num_waiting_reqs: int
-    num_swapped_reqs: int
-    kv_cache_usage: float  # fraction of usable device blocks held by requests
-    num_preemptions: int  # since start
-    prefix_cache_queries: int  # tokens looked up in the prefix cache, since start
-    prefix_cache_hits: int  # of those, tokens found
+from jaxllm.scheduling.sequence import RUN_AHEAD_TOKEN, Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclasses.dataclass
@@ -85,32 +70,19 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, group: SequenceGroup) -> None:
-        """Queue a request, or raise ValueError (ContextLengthExceededError / RequestTooLargeError) if it can never
-        run. Resolves group.max_tokens (None -> up to max_model_len)."""
-        rid, bs = group.request_id, self.block_size
+        """Queue a request that `jaxllm.validation.validate_request` accepted for these limits (asserted here, not
+        checked again); raises ValueError for a request_id in use. Resolves group.max_tokens (None -> up to
+        max_model_len)."""
+        rid = group.request_id
         if rid in self._groups:
             raise ValueError(f"request_id {rid!r} is already in use.")
-        num_prompt, n = group.num_prompt_tokens, group.params.n
-        if num_prompt == 0:
-            raise ValueError("The prompt is empty: prompt_token_ids must contain at least one token.")
+        num_prompt = group.num_prompt_tokens
         max_tokens = group.params.max_tokens
         max_tokens = self.max_model_len - num_prompt if max_tokens is None else max_tokens
-        if max_tokens < 1 or num_prompt + max_tokens > self.max_model_len:
-            raise ContextLengthExceededError(
-                f"Request {rid!r}: prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len}).")
-        if n > self.max_num_seqs:
-            raise RequestTooLargeError(f"Request {rid!r}: n ({n}) exceeds max_num_seqs ({self.max_num_seqs}).")
-        # The last sampled token is never written to the cache (hence - 1). Samples share the full blocks before the
-        # last prompt token and may each own the rest.
-        shared = (num_prompt - 1) // bs
-        need = shared + n * (cdiv(num_prompt + max_tokens - 1, bs) - shared)
-        usable = self.block_manager.num_usable_blocks
-        if need > usable:
-            raise RequestTooLargeError(
-                f"Request {rid!r} needs up to {need} KV blocks (prompt {num_prompt} + max_tokens {max_tokens} "
-                f"tokens, n={n}, block_size {bs}) but the KV cache has only {usable} blocks. Lower "
-                f"max_tokens or n, or give the KV cache more memory (gpu_memory_utilization).")
+        assert num_prompt > 0 and max_tokens >= 1 and num_prompt + max_tokens <= self.max_model_len, group
+        assert group.params.n <= self.max_num_seqs, group
+        need = max_blocks_needed(num_prompt, max_tokens, group.params.n, self.block_size)
+        assert need <= self.block_manager.num_usable_blocks, group
         group.max_tokens = max_tokens
         group.arrival_index = self._next_arrival
         self._next_arrival += 1
@@ -130,7 +102,7 @@ class Scheduler:
             if not seq.is_finished:
                 self.block_manager.free(seq)  # before the status changes: free() reads SWAPPED
                 seq.status = SequenceStatus.FINISHED_ABORTED
-                if seq.token_ids[-1] < 0:  # a run-ahead placeholder whose token will never be read
+                if seq.token_ids[-1] == RUN_AHEAD_TOKEN:  # its token will never be read
                     seq.token_ids.pop()
         return group
 
@@ -152,12 +124,12 @@ class Scheduler:
 
     def run_ahead(self, output: SchedulerOutput) -> None:
         """Let the next schedule() run before `output`'s tokens are known: each sequence sampling in `output`
-        gets a placeholder token (-1) that update(..., ran_ahead=True) later replaces. The next step computes the
+        gets RUN_AHEAD_TOKEN, a placeholder that update(..., ran_ahead=True) later replaces. The next step computes the
         placeholder from the device-side result; a sequence whose length limit ends it with this token is not
         scheduled again, and one that stops otherwise (EOS, stop string) has its extra step discarded."""
         for item in output.scheduled:
             if item.do_sample and item.seq.status is SequenceStatus.RUNNING:
-                item.seq.token_ids.append(-1)
+                item.seq.token_ids.append(RUN_AHEAD_TOKEN)
 
     def update(self, output: SchedulerOutput, sampled_token_ids, *, ran_ahead: bool = False) -> list[Sequence]:
         """Record a step: one sampled token per entry of output.scheduled (ignored where do_sample is False).
@@ -381,11 +353,7 @@ class Scheduler:
     def get_group(self, request_id: str) -> SequenceGroup | None:
         return self._groups.get(request_id)
 
-    def stats(self) -> SchedulerStats:
-        bm = self.block_manager
-        return SchedulerStats(len(self.running), len(self.waiting), len(self.swapped), bm.usage,
-                              self.num_preemptions, bm.prefix_cache_queries, bm.prefix_cache_hits)
-
     def live_sequences(self) -> list[Sequence]:
         """Every sequence of every unfinished request (for BlockManager.assert_consistent)."""
         return [s for g in self._groups.values() for s in g.seqs]
+

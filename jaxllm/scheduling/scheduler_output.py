@@ -41,6 +41,11 @@ class ScheduledSequence(NamedTuple):  # a tuple, not a dataclass: one is built p
         """Context length once this step has run (cached + new tokens)."""
         return self.start_pos + len(self.token_ids)
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request wants prompt logprobs and this step computes a prompt position that has a successor."""
+        return self.seq.group.params.prompt_logprobs is not None and self.start_pos < self.seq.num_prompt_tokens - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:

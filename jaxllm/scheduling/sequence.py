@@ -15,6 +15,10 @@ from collections.abc import Iterable
 from jaxllm.outputs import RequestMetrics
 from jaxllm.sampling_params import SamplingParams
 
+# Run-ahead: the token of a sequence whose next step was scheduled before its last sampled token was read back.
+# Scheduler.run_ahead appends it and update() overwrites it; the runner feeds the real token on device.
+RUN_AHEAD_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
@@ -130,7 +134,7 @@ class SequenceGroup:
                  cache_salt: str | None = None, prompt: str | None = None):
         self.request_id = request_id
         self.prompt = prompt
-        # Plain ints, as validate_request made them: converting them again cost ~0.1 ms for 1024 tokens.
+        # Plain ints, as validate_request made them: not converted again (docs/perf-notes.md#host-work-per-request).
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         if eos_token_id is None or isinstance(eos_token_id, int):

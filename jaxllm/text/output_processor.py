@@ -1,4 +1,5 @@
-"""Sampled tokens -> text and RequestOutputs: incremental detokenization, stop strings and logprobs, per sample.
+"""Sampled tokens -> text and RequestOutputs: incremental detokenization, stop strings and logprobs, per sample,
+and each request's prompt logprobs (text/logprobs.py turns the sampler's arrays into the per-token maps).
 
 Stop strings are found here on text (the scheduler only sees token ids): a match tells the caller to finish the
 sequence, and text that could still grow into a stop string is held back from the output until it cannot.
@@ -6,9 +7,11 @@ sequence, and text that could still grow into a stop string is held back from th
 
 import dataclasses
 
-from jaxllm.text.detokenizer import DetokenizerState, detokenize_step
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.scheduling.scheduler_output import SchedulerOutput
 from jaxllm.scheduling.sequence import Sequence, SequenceGroup
+from jaxllm.text.detokenizer import DetokenizerState, detokenize_step
+from jaxllm.text.logprobs import PromptLogprobs, row_logprobs
 from jaxllm.text.stop_strings import check_stop_strings
 from jaxllm.text.tokenizer import Tokenizer
 
@@ -30,6 +33,7 @@ class OutputProcessor:
         self._samples: dict[tuple[str, int], _SampleText] = {}
         # A request's prompt ids as its outputs carry them: one copy shared by all of them, not one per step.
         self._prompts: dict[str, list[int]] = {}
+        self._prompt_logprobs = PromptLogprobs(self.logprob_entry)
 
     def _state(self, seq: Sequence) -> _SampleText:
         key = (seq.request_id, seq.sample_index)
@@ -40,6 +44,14 @@ class OutputProcessor:
                      DetokenizerState.start(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens))
             state = self._samples[key] = _SampleText(detok, logprobs=[] if params.logprobs is not None else None)
         return state
+
+    def record_prompt_logprobs(self, batch: SchedulerOutput, logprobs) -> None:
+        """A step's prompt logprobs (one row per token of `batch`), for the requests' outputs."""
+        self._prompt_logprobs.record(batch, logprobs)
+
+    def append_sampled(self, seq: Sequence, token_id: int, logprobs, row: int) -> str | None:
+        """`append` with the logprobs of row `row` of the sampler's arrays (None when no row wants any)."""
+        return self.append(seq, token_id, *row_logprobs(logprobs, row, token_id, seq.group.params.logprobs))
 
     def append(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None = None,
                ranks: dict[int, int] | None = None) -> str | None:
@@ -95,8 +107,10 @@ class OutputProcessor:
         finished = group.is_finished()
         if finished:
             self.forget(group.request_id, len(group.seqs))
+        prompt_logprobs = (None if group.params.prompt_logprobs is None else
+                           self._prompt_logprobs.get(group.request_id, finished=finished))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=prompt_token_ids,
-                             prompt_logprobs=None, outputs=outputs, finished=finished,
+                             prompt_logprobs=prompt_logprobs, outputs=outputs, finished=finished,
                              num_cached_tokens=group.num_cached_tokens, metrics=group.metrics)
 
     def forget(self, request_id: str, num_samples: int) -> None:

@@ -1,0 +1,84 @@
+"""SchedulerOutput -> StepWork: everything the runner needs for one step, built on the host.
+
+Per scheduled sequence: its token work (run-ahead placeholders become references to the previous step's sampled
+rows), its sampling row (with the request's constants, converted once per sample and cached here), and, when a
+request wants prompt logprobs, the successor of every token it computes. The engine hands the StepWork to
+`ModelRunner.dispatch` and never builds runner inputs itself.
+"""
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from jaxllm.runtime.inputs import SeqWork, fed_token
+from jaxllm.runtime.sampling_metadata import RowConstants, SamplingRow
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduling.scheduler_output import ScheduledSequence, SchedulerOutput
+from jaxllm.scheduling.sequence import RUN_AHEAD_TOKEN, SequenceGroup
+
+_PADDING_ROW_PARAMS = SamplingParams(temperature=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """One step's inputs, one entry per scheduled sequence (in SchedulerOutput order)."""
+
+    work: Sequence[SeqWork]
+    sampling: Sequence[SamplingRow]  # a greedy padding row where the sequence does not sample
+    prompt_logprobs_k: int | None = None  # the most prompt logprobs any sequence wants; None: none does
+    successors: Sequence[Sequence[int]] = ()  # with prompt_logprobs_k: the token after each computed token (or 0)
+    reads_history: bool = False  # a sampling row has penalties, which read its real last token: no run-ahead
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    """Penalties are computed from the sequence's token history."""
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1)
+
+
+class StepBuilder:
+    def __init__(self, *, vocab_size: int, eos_token_ids: Iterable[int]):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        padding = SamplingRow(_PADDING_ROW_PARAMS, (), (), seed=0)
+        self._padding = dataclasses.replace(padding, constants=RowConstants.of(padding, vocab_size))
+        self._constants: dict[tuple[str, int], RowConstants] = {}  # (request id, sample) -> sampling constants
+
+    def build(self, batch: SchedulerOutput, previous: SchedulerOutput | None) -> StepWork:
+        """`previous`: the step dispatched just before this one whose sampled ids are still on the device (run-ahead),
+        or None."""
+        rows = {id(s.seq): i for i, s in enumerate(previous.scheduled)} if previous else {}
+        # Without a previous step there is no placeholder, and a prompt's ids are not walked one by one.
+        work = [SeqWork([fed_token(rows[id(s.seq)]) if t == RUN_AHEAD_TOKEN else t for t in s.token_ids]
+                        if rows else s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
+        sampling, history = [], False
+        for s in batch.scheduled:
+            row = self._sampling_row(s)
+            sampling.append(row)
+            history = history or bool(row.prompt_token_ids)
+        wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if s.needs_prompt_logprobs]
+        if not wanted:
+            return StepWork(work, sampling, reads_history=history)
+        successors = [[s.seq.token_ids[p + 1] if p + 1 < s.seq.num_prompt_tokens else 0
+                       for p in range(s.start_pos, s.seq_len)] for s in batch.scheduled]
+        return StepWork(work, sampling, max(wanted), successors, reads_history=history)
+
+    def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
+        """Token histories are copied only for the penalties that read them (so a row has them iff it reads them)."""
+        if not s.do_sample:
+            return self._padding
+        seq = s.seq
+        params = seq.group.params
+        key = (seq.request_id, seq.sample_index)
+        constants = self._constants.get(key)
+        if constants is None:
+            row = SamplingRow(params, (), (), seed=seq.group.seed, sample_index=seq.sample_index,
+                              eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
+            constants = self._constants[key] = RowConstants.of(row, self.vocab_size)
+        history = _has_penalties(params)
+        return SamplingRow(params, seq.prompt_token_ids if history else (), seq.output_token_ids if history else (),
+                           seed=seq.group.seed, sample_index=seq.sample_index, position=s.seq_len,
+                           constants=constants, num_output_tokens=seq.num_output_tokens)
+
+    def forget(self, group: SequenceGroup) -> None:
+        """The request finished or was aborted: drop its cached constants."""
+        for seq in group.seqs:
+            self._constants.pop((group.request_id, seq.sample_index), None)
