@@ -4,6 +4,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.server
+
 
 def test_jaxllm_bench_lists_and_runs_the_benchmarks(tmp_path):
     jaxllm = pathlib.Path(sys.executable).parent / "jaxllm"  # the console script pip installed beside python

@@ -367,6 +367,7 @@ print("OK", err)
 """
 
 
+@pytest.mark.server
 def test_params_sharded_over_four_cpu_devices():
     """Placement, per-device reads and a tensor-parallel forward on 4 CPU devices. A subprocess, because the device
     count is fixed when jax starts (XLA_FLAGS must be set before the import)."""

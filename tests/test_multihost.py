@@ -15,6 +15,8 @@ import pytest
 
 from jaxllm import EngineConfig
 
+pytestmark = pytest.mark.server
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LLAMA3 = ROOT / "tests" / "fixtures" / "llama3"
 

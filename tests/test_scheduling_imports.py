@@ -6,6 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.server
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # jaxllm/__init__.py imports the engine (and so jax); load the package's modules without running it, to test what

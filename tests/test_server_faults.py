@@ -17,6 +17,8 @@ from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
 
+pytestmark = pytest.mark.server
+
 STALL_TIMEOUT_S = 1.0
 
 

@@ -8,6 +8,8 @@ import httpx
 import pytest
 from server_harness import API_KEY, MAIN_ARGS, TINY_MODEL, metric, shared_server
 
+pytestmark = pytest.mark.server
+
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -15,6 +15,8 @@ from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def url(request):

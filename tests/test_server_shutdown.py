@@ -10,6 +10,8 @@ import httpx
 import pytest
 from server_harness import TINY_MODEL, ServerProcess, metric, sse_events
 
+pytestmark = pytest.mark.server
+
 LONG_STREAM = {"model": "tiny", "prompt": "keep going", "stream": True, "temperature": 0, "ignore_eos": True}
 
 

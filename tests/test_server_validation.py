@@ -9,6 +9,8 @@ import httpx
 import pytest
 from server_harness import API_KEY, MAIN_ARGS, shared_server
 
+pytestmark = pytest.mark.server
+
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = "word " * 400  # > 256 tokens with a 512-token vocabulary
 
