@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.runtime.sampler import _filter, prompt_logprobs, process_logits, sample
+from jaxllm.runtime.sampler import _filter, process_logits, prompt_logprobs, sample
 from jaxllm.runtime.sampling_metadata import SamplingMetadata, SamplingRow
 
 _sample = jax.jit(sample)

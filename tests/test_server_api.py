@@ -4,6 +4,7 @@ official client, tokenize/detokenize, models and version."""
 import httpx
 import openai
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, shared_server
 
 pytestmark = pytest.mark.server

@@ -3,6 +3,7 @@ client can chat with it (one test: the real 135M model takes a while to load and
 
 import openai
 import pytest
+
 from server_harness import ServerProcess
 
 pytestmark = pytest.mark.server

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from server_harness import TINY_MODEL, InProcessServer, sse_events, wait_healthy
-from waiting import wait_until
 
 from jaxllm import AsyncLLMEngine, EngineConfig
+from server_harness import TINY_MODEL, InProcessServer, sse_events, wait_healthy
 from serving.api_server import AppOptions, build_app
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
+from waiting import wait_until
 
 pytestmark = pytest.mark.server
 

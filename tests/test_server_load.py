@@ -5,6 +5,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, TINY_MODEL, metric, shared_server
 from waiting import async_wait_until, wait_until
 

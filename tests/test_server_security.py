@@ -7,8 +7,8 @@ import urllib.parse
 
 import httpx
 import pytest
-from server_harness import API_KEY, MAIN_ARGS, InProcessServer, shared_server
 
+from server_harness import API_KEY, MAIN_ARGS, InProcessServer, shared_server
 from serving.api_server import AppOptions, build_app
 from serving.auth import normalize_path
 from serving.context import ServerContext

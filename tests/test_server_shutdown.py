@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+
 from server_harness import TINY_MODEL, ServerProcess, metric, sse_events
 from waiting import wait_until
 

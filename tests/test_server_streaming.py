@@ -6,6 +6,7 @@ import json
 import httpx
 import openai
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, shared_server, sse_events
 
 pytestmark = pytest.mark.server

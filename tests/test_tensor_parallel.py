@@ -227,8 +227,9 @@ def test_more_devices_than_present_is_a_clear_error():
 
 @pytest.mark.server
 def test_server_with_tp2_serves_the_tp1_greedy_completion(monkeypatch):
-    from server_harness import ServerProcess
     import httpx
+
+    from server_harness import ServerProcess
 
     golden = np.load(FIXTURES / "llama3" / "golden.npz")
     prompt, want_ids = golden["prompt_1"].tolist(), golden["greedy_1"].tolist()  # TP = 1's tokens (test above)
