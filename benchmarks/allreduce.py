@@ -29,7 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import EngineConfig
 from jaxllm.runtime.compiler_options import step_compiler_options

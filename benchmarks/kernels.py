@@ -30,8 +30,8 @@ import numpy as np
 
 from benchmarks.roofline import copy_bandwidth, matmul_rate, read_bandwidth
 from pallas_kernels.decode_attention_kernel import DecodeConfig
-from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.kv_write import write_kv
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 
@@ -116,10 +116,10 @@ def time_decode(shape: DecodeShape, impls: dict, data=None) -> dict:
     d = data or shape.build()
     scale = HEAD_DIM ** -0.5
     fns = {
-        "jaxllm": lambda q, k, v, t, l, s, cfg=None: ragged_paged_attention(
-            q, k, v, t, l, s, scale=scale, decode_only=True, backend="triton", decode_config=cfg),
-        "jax_paged_attention": lambda q, k, v, t, l, s: jax_paged.paged_attention(q * scale, k, v, t, l),
-        "xla_reference": lambda q, k, v, t, l, s: ragged_paged_attention_reference(q, k, v, t, l, s, scale=scale),
+        "jaxllm": lambda q, k, v, t, n, s, cfg=None: ragged_paged_attention(
+            q, k, v, t, n, s, scale=scale, decode_only=True, backend="triton", decode_config=cfg),
+        "jax_paged_attention": lambda q, k, v, t, n, s: jax_paged.paged_attention(q * scale, k, v, t, n),
+        "xla_reference": lambda q, k, v, t, n, s: ragged_paged_attention_reference(q, k, v, t, n, s, scale=scale),
     }
     args = (d["q"], d["k"], d["v"], d["tables"], d["lens"], d["qsl"])
     out = {}
@@ -149,7 +149,8 @@ def time_prefill(length: int, configs: dict) -> dict:
     out = {}
     for name, cfg in configs.items():
         if name == "xla_reference":
-            fn = lambda q, k, v: ragged_paged_attention_reference(q, k, v, tables, lens, qsl, scale=scale)
+            def fn(q, k, v):
+                return ragged_paged_attention_reference(q, k, v, tables, lens, qsl, scale=scale)
         elif name == "jax_mha_unpaged":
             def fn(q, k, v):  # JAX's flash attention on contiguous K/V, kv heads repeated to the q heads
                 kc = jnp.repeat(k[:, 1:].reshape(KV_HEADS, length, HEAD_DIM), N_HEADS // KV_HEADS, axis=0)
@@ -157,8 +158,9 @@ def time_prefill(length: int, configs: dict) -> dict:
                 return jax_attention.mha(q[None], jnp.swapaxes(kc, 0, 1)[None], jnp.swapaxes(vc, 0, 1)[None],
                                          None, sm_scale=scale, causal=True)
         else:
-            fn = lambda q, k, v, cfg=cfg: ragged_paged_attention(q, k, v, tables, lens, qsl, scale=scale,
-                                                                 backend="triton", ragged_config=cfg)
+            def fn(q, k, v, cfg=cfg):
+                return ragged_paged_attention(q, k, v, tables, lens, qsl, scale=scale, backend="triton",
+                                              ragged_config=cfg)
         try:
             slow = name == "xla_reference"
             seconds = chain_time(fn, (q, k, v), inner=2 if slow else 8, target_s=0.1, repeats=2 if slow else 3)

@@ -24,10 +24,10 @@ import numpy as np
 from jaxllm.models.layers import rms_norm
 from pallas_kernels.add_rms_norm_kernel import add_rms_norm_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig
-from tests.ragged_batch import make_ragged_batch
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 from pallas_kernels.rotary_kv import rotary_write_kv
+from tests.ragged_batch import make_ragged_batch
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 

@@ -1,4 +1,4 @@
-# Sourced by run-server / run-tests: finds a Python >= 3.12, creates .venv and installs jaxllm into it.
+# Sourced by run-server / run-tests / .ci/run: finds a Python >= 3.12, creates .venv and installs jaxllm into it.
 # Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

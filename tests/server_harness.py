@@ -11,9 +11,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import httpx
+
+from waiting import wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_MODEL = str(ROOT / "tests" / "fixtures" / "llama3")
@@ -39,16 +40,16 @@ class ServerProcess:
         return pathlib.Path(self._log.name).read_text(errors="replace")
 
     def wait_listening(self, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening():
             match = _LISTENING.search(self.log())
-            if match:
-                self.url = f"http://{match.group(1)}:{match.group(2)}"
-                return self.url
-            if self.proc.poll() is not None:
+            if not match and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"server did not listen within {timeout} s:\n{self.log()[-4000:]}")
+            return match
+
+        match = wait_until(listening, timeout=timeout, interval=0.05,
+                           message=lambda: f"server did not listen:\n{self.log()[-4000:]}")
+        self.url = f"http://{match.group(1)}:{match.group(2)}"
+        return self.url
 
     def wait_ready(self, timeout: float = 300) -> str:
         self.wait_listening(timeout)
@@ -72,17 +73,15 @@ class ServerProcess:
 
 
 def wait_healthy(url: str, timeout: float, alive=lambda: True, log=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if not alive():
             raise RuntimeError(f"server died while starting:\n{log()[-4000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"/health was not 200 within {timeout} s:\n{log()[-4000:]}")
+            return False
+
+    wait_until(healthy, timeout=timeout, interval=0.1, message=lambda: f"/health was not 200:\n{log()[-4000:]}")
 
 
 class InProcessServer:

@@ -2,12 +2,12 @@
 fails every stream and marks the engine unhealthy instead of hanging."""
 
 import asyncio
-import time
 
 import pytest
 
 from conftest import FIXTURES, TINY, golden
 from jaxllm import AsyncLLMEngine, EngineConfig, EngineDeadError, EngineStepError, SamplingParams
+from waiting import async_wait_until, wait_until
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 G = golden("llama3")
@@ -29,10 +29,8 @@ async def _collect(engine, prompt, params, request_id):
 
 
 def _wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.engine.has_unfinished_requests()
+    wait_until(lambda: not engine.engine.has_unfinished_requests(), timeout=timeout,
+               message="the engine still has unfinished requests")
 
 
 @pytest.mark.timeout(120)
@@ -74,12 +72,14 @@ def test_leaving_the_stream_aborts_and_frees_blocks(engine):
             if seen == 3:
                 assert bm.num_free_blocks < start
                 break
-        await asyncio.sleep(0.2)  # let the loop finalize the abandoned generator
+        # The abandoned generator is finalized by the loop, and its abort reaches the engine thread.
+        await async_wait_until(lambda: engine.engine.scheduler.get_group("leaver") is None, timeout=10,
+                               message="leaving the stream never aborted the request")
 
     async def cancelled():
         task = asyncio.create_task(_collect(engine, {"prompt_token_ids": G["prompt_1"].tolist()}, long, "cancelled"))
-        while engine.engine.scheduler.get_group("cancelled") is None:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: engine.engine.scheduler.get_group("cancelled") is not None, timeout=30,
+                               message="the request never reached the scheduler")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -7,7 +7,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.server
 
 
 def jaxllm(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:

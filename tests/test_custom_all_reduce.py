@@ -103,6 +103,7 @@ def test_xla_accepts_the_option_as_spelled_and_rejects_the_xla_flags_spelling():
         jax.jit(lambda a: a * 3, compiler_options={"xla_gpu_experimental_use_collective_kernels": "ALL_REDUCE"})(x)
 
 
+@pytest.mark.server
 def test_the_graphed_commands_are_xlas_default_plus_collectives(tmp_path):
     """XLA dumps the options that differ from its defaults: dropping CUSTOM_CALL by flag shows the default list."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -114,6 +115,7 @@ def test_the_graphed_commands_are_xlas_default_plus_collectives(tmp_path):
     assert dumped | {"CUSTOM_CALL", "COLLECTIVES"} == set(GRAPHED.split(","))
 
 
+@pytest.mark.server
 def test_llm_kwarg_reaches_the_config_and_tp2_greedy_equals_tp1_either_way(tp_report):
     r = tp_report
     want = r["tp1"]["tokens"]
@@ -125,6 +127,7 @@ def test_llm_kwarg_reaches_the_config_and_tp2_greedy_equals_tp1_either_way(tp_re
     assert r["tp2"]["options"] == r["tp2_disabled"]["options"] == {}  # CPU: no GPU options either way
 
 
+@pytest.mark.server
 def test_the_model_step_is_compiled_with_these_options(tp_report):
     entry = tp_report["tp2_rejected_option"]
     assert "tokens" not in entry and "not a valid enum value" in entry["error"], entry

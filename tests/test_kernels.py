@@ -20,11 +20,11 @@ from pallas_kernels import attention_tile, backend
 from pallas_kernels.add_rms_norm_kernel import add_rms_norm_triton
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.decode_attention_kernel import DecodeConfig
-from pallas_kernels.ragged_attention_kernel import RaggedConfig
-from ragged_batch import RaggedBatch, make_ragged_batch
 from pallas_kernels.kv_write import write_kv
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.rotary_kv import rotary_write_kv
+from ragged_batch import RaggedBatch, make_ragged_batch
 
 
 def _compare(batch: RaggedBatch, out: jax.Array, ref: jax.Array, tol: float = 2e-5) -> None:

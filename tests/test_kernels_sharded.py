@@ -7,6 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.server
+
 CHILD = r"""
 import functools
 import jax, jax.numpy as jnp, numpy as np

@@ -60,7 +60,7 @@ def test_sharded_checkpoint_fills_every_param_exactly():
     for i in range(config.num_layers):
         layer, pre = params["layers"][i], f"model.layers.{i}."
 
-        def hf(name):
+        def hf(name, pre=pre):
             return ref[pre + name + ".weight"].T  # [in, out]
 
         # One device: the fused projections are the checkpoint's columns side by side, in one shard.
@@ -367,6 +367,7 @@ print("OK", err)
 """
 
 
+@pytest.mark.server
 def test_params_sharded_over_four_cpu_devices():
     """Placement, per-device reads and a tensor-parallel forward on 4 CPU devices. A subprocess, because the device
     count is fixed when jax starts (XLA_FLAGS must be set before the import)."""

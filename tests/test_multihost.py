@@ -16,6 +16,8 @@ import pytest
 from jaxllm import EngineConfig
 from jaxllm.runtime import kv_sizing
 
+pytestmark = pytest.mark.server
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LLAMA3 = ROOT / "tests" / "fixtures" / "llama3"
 

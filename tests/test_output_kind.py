@@ -32,7 +32,7 @@ def test_final_only_returns_each_request_once_with_the_cumulative_result(llm):
     cumulative, final = _run(engine, RequestOutputKind.CUMULATIVE), _run(engine, RequestOutputKind.FINAL_ONLY)
     assert [len(v) for v in cumulative.values()] == [1, 4, 9]  # one output per token
     assert [len(v) for v in final.values()] == [1, 1, 1]
-    for (c, cs), (f, fs) in zip(sorted(cumulative.items()), sorted(final.items())):
+    for (_, cs), (_, fs) in zip(sorted(cumulative.items()), sorted(final.items())):
         assert fs[0].finished and cs[-1].finished
         assert all(o.prompt_token_ids is cs[0].prompt_token_ids for o in cs)  # one copy per request, not per step
         assert fs[0].outputs[0].token_ids == cs[-1].outputs[0].token_ids

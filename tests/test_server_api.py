@@ -4,7 +4,10 @@ official client, tokenize/detokenize, models and version."""
 import httpx
 import openai
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, shared_server
+
+pytestmark = pytest.mark.server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = {"temperature": 0, "ignore_eos": True}

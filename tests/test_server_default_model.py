@@ -2,7 +2,11 @@
 client can chat with it (one test: the real 135M model takes a while to load and compile on CPU)."""
 
 import openai
+import pytest
+
 from server_harness import ServerProcess
+
+pytestmark = pytest.mark.server
 
 
 def test_jaxllm_serve_default_model_chats_with_the_openai_client():

@@ -9,14 +9,17 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from server_harness import TINY_MODEL, InProcessServer, sse_events, wait_healthy
 
 from jaxllm import AsyncLLMEngine, EngineConfig
+from server_harness import TINY_MODEL, InProcessServer, sse_events, wait_healthy
 from serving.app import build_app
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
 from serving.options import ServerOptions
+from waiting import wait_until
+
+pytestmark = pytest.mark.server
 
 STALL_TIMEOUT_S = 1.0
 
@@ -48,7 +51,7 @@ def test_health_is_503_until_the_engine_is_ready(served):
         assert r.status_code == 503 and r.json()["error"]["message"] == "starting"
         r = completion(served.url, max_tokens=2)
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_starting" and r.headers["retry-after"]
-        time.sleep(0.1)
+        time.sleep(0.1)  # checks spread over time: it stays 503 while the gate holds the engine back
     served.gate.set()
     wait_healthy(served.url, timeout=300)
     assert completion(served.url, max_tokens=2).status_code == 200
@@ -57,24 +60,23 @@ def test_health_is_503_until_the_engine_is_ready(served):
 def test_a_stalled_step_turns_health_503_until_it_moves_again(served):
     engine = served.host.engine.engine
     original_step = engine.step
-    stalled_once = threading.Event()
+    stalled_once, watchdog_fired = threading.Event(), threading.Event()
 
     def slow_step():
         if not stalled_once.is_set():
             stalled_once.set()
-            time.sleep(STALL_TIMEOUT_S * 3)
+            watchdog_fired.wait(STALL_TIMEOUT_S * 30)  # the stall under test, held until /health has said 503
         return original_step()
 
     engine.step = slow_step
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(completion, served.url, max_tokens=3)
-            saw_503 = False
-            deadline = time.monotonic() + STALL_TIMEOUT_S * 3
-            while time.monotonic() < deadline and not saw_503:
-                saw_503 = httpx.get(f"{served.url}/health").status_code == 503
-                time.sleep(0.05)
-            assert saw_503, "the watchdog never reported the stalled step"
+            try:
+                wait_until(lambda: httpx.get(f"{served.url}/health").status_code == 503,
+                           timeout=STALL_TIMEOUT_S * 3, interval=0.05, message="the watchdog never reported the stall")
+            finally:
+                watchdog_fired.set()
             assert pending.result(timeout=60).status_code == 200
     finally:
         engine.step = original_step
@@ -101,9 +103,8 @@ def test_an_injected_step_failure_fails_in_flight_requests_and_health(served):
         streaming = pool.submit(stream_until_error)
         non_streaming = pool.submit(completion, served.url, max_tokens=2000, ignore_eos=True)
         assert started.wait(60)
-        deadline = time.monotonic() + 30
-        while served.host.engine.stats().num_requests_running < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: served.host.engine.stats().num_requests_running >= 2, timeout=30,
+                   message="the two requests never ran together")
         engine.step = failing_step
         status, events = streaming.result(timeout=30)
         failed = non_streaming.result(timeout=30)

@@ -2,11 +2,14 @@
 free everything within 2 s, aborting some requests leaves the others exact, and /metrics counters are exact."""
 
 import asyncio
-import time
 
 import httpx
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, TINY_MODEL, metric, shared_server
+from waiting import async_wait_until, wait_until
+
+pytestmark = pytest.mark.server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -30,16 +33,16 @@ def scrape(url: str) -> str:
 
 def wait_idle(url: str, within: float) -> str:
     """Polls /metrics until running, waiting and KV usage are all 0; fails after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
+    last = {}
+
+    def idle() -> str | None:
         text = scrape(url)
-        gauges = [metric(text, name) for name in
-                  ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")]
-        if gauges == [0.0, 0.0, 0.0]:
-            return text
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not idle after {within} s: running, waiting, kv = {gauges}")
-        time.sleep(0.05)
+        last["gauges"] = [metric(text, name) for name in
+                          ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")]
+        return text if last["gauges"] == [0.0, 0.0, 0.0] else None
+
+    return wait_until(idle, timeout=within, interval=0.05,
+                      message=lambda: f"not idle: running, waiting, kv = {last['gauges']}")
 
 
 def test_64_concurrent_identical_greedy_requests_agree(url):
@@ -85,8 +88,10 @@ def test_abandoned_non_streaming_requests_are_aborted_within_2s(url):
     async def run():
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as client:
             pending = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(10)]
-            while metric((await client.get("/metrics")).text, "vllm:num_requests_running") < 10:
-                await asyncio.sleep(0.005)
+            async def all_running() -> bool:
+                return metric((await client.get("/metrics")).text, "vllm:num_requests_running") >= 10
+
+            await async_wait_until(all_running, timeout=30, interval=0.005, message="the 10 requests never all ran")
             for task in pending:  # the client gives up: its connections close mid-request
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -7,14 +7,16 @@ import urllib.parse
 
 import httpx
 import pytest
-from server_harness import API_KEY, MAIN_ARGS, InProcessServer, shared_server
 
+from server_harness import API_KEY, MAIN_ARGS, InProcessServer, shared_server
 from serving.app import build_app
 from serving.auth import normalize_path
 from serving.context import ServerContext
 from serving.engine_host import EngineHost
 from serving.metrics import ServerMetrics
 from serving.options import ServerOptions
+
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")

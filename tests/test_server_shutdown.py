@@ -3,12 +3,17 @@ in-flight work while refusing new work with 503 and exits 0, a second SIGTERM ex
 cannot load makes the process exit 1 instead of serving 503 forever."""
 
 import signal
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
+
 from server_harness import TINY_MODEL, ServerProcess, metric, sse_events
+from waiting import wait_until
+
+pytestmark = pytest.mark.server
 
 LONG_STREAM = {"model": "tiny", "prompt": "keep going", "stream": True, "temperature": 0, "ignore_eos": True}
 
@@ -52,10 +57,8 @@ def test_a_full_queue_answers_503_quickly(small_server):
         streams.append((open_stream(url, 600, first, out), first, out))
         if i < 2:
             assert first.wait(60)
-    deadline = time.monotonic() + 30
-    while metric(httpx.get(f"{url}/metrics").text, "vllm:num_requests_waiting") < 1:
-        assert time.monotonic() < deadline, "the third request never queued"
-        time.sleep(0.01)
+    wait_until(lambda: metric(httpx.get(f"{url}/metrics").text, "vllm:num_requests_waiting") >= 1, timeout=30,
+               message="the third request never queued")
     started = time.monotonic()
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "one more", "max_tokens": 2})
     assert time.monotonic() - started < 1.0
@@ -73,9 +76,8 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(small_se
     thread = open_stream(url, 1000, first, out)  # long enough to still run when the checks below happen
     assert first.wait(60) and out.get("status") == 200
     small_server.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{url}/health").status_code != 503 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10, interval=0.02,
+               message="/health never turned 503 after SIGTERM")
     assert httpx.get(f"{url}/health").status_code == 503
     refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "late", "max_tokens": 2})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
@@ -97,8 +99,10 @@ def test_a_second_sigterm_or_timeout_0_exits_without_waiting(shutdown_timeout, s
         assert first.wait(60) and out.get("status") == 200
         if signals == 2:
             proc.signal(signal.SIGTERM)
-            time.sleep(0.5)
-            assert proc.proc.poll() is None, "the first SIGTERM must wait for the in-flight stream"
+            wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10, interval=0.02,
+                       message="/health never turned 503 after the first SIGTERM")
+            with pytest.raises(subprocess.TimeoutExpired):  # the first SIGTERM must wait for the in-flight stream
+                proc.proc.wait(0.5)
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
         assert proc.proc.wait(15) == 0, proc.log()[-3000:]
@@ -124,10 +128,13 @@ def test_sigterm_while_the_model_compiles_exits_0_at_once_and_cleanly():
                          "--kv-cache-memory-bytes", "32M")
     try:
         proc.wait_listening()
-        deadline = time.monotonic() + 120
-        while "compiling buckets" not in proc.log():
-            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.log()[-3000:]
-            time.sleep(0.05)
+        def compiling() -> bool:
+            if "compiling buckets" in proc.log():
+                return True
+            assert proc.proc.poll() is None, proc.log()[-3000:]
+            return False
+
+        wait_until(compiling, timeout=120, interval=0.05, message=lambda: proc.log()[-3000:])
         proc.signal(signal.SIGTERM)
         assert proc.proc.wait(15) == 0, proc.log()[-3000:]
         log = proc.log()

@@ -6,7 +6,10 @@ import json
 import httpx
 import openai
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, shared_server, sse_events
+
+pytestmark = pytest.mark.server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = {"temperature": 0, "ignore_eos": True}

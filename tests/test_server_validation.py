@@ -7,7 +7,10 @@ import time
 
 import httpx
 import pytest
+
 from server_harness import API_KEY, MAIN_ARGS, shared_server
+
+pytestmark = pytest.mark.server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = "word " * 400  # > 256 tokens with a 512-token vocabulary
@@ -119,7 +122,7 @@ def test_n_huge_is_refused_fast(http):
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_refused(http, value):
-    raw = '{"model": "tiny", "prompt": "hi", "temperature": %s}' % value
+    raw = f'{{"model": "tiny", "prompt": "hi", "temperature": {value}}}'
     assert_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
     assert_still_serving(http)
 

@@ -4,9 +4,9 @@ Also the query-block map and token positions those loops used to compute, agains
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import jaxprs_in_params
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from jaxllm import EngineConfig, LLMEngine
 from jaxllm.runtime import inputs

@@ -101,6 +101,7 @@ def heads(fixture: str) -> tuple[int, int, int]:
     return n, k, config.get("head_dim") or config["hidden_size"] // n
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("fixture", ["llama3", "llama2", "mistral", "qwen2", "qwen3"])
 def test_tp_greedy_equals_tp1_and_weights_and_kv_are_sharded(fixture):
     report = run_child(fixture)
@@ -183,6 +184,7 @@ print("REPORT" + json.dumps(report))
 """
 
 
+@pytest.mark.server
 def test_vocab_parallel_embedding_sums_each_devices_rows_with_one_small_all_reduce():
     child = subprocess.run([sys.executable, "-c", EMBED_CHILD], env=four_cpu_devices(), cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
@@ -223,9 +225,11 @@ def test_more_devices_than_present_is_a_clear_error():
         EngineConfig(tensor_parallel_size=0)
 
 
+@pytest.mark.server
 def test_server_with_tp2_serves_the_tp1_greedy_completion(monkeypatch):
-    from server_harness import ServerProcess
     import httpx
+
+    from server_harness import ServerProcess
 
     golden = np.load(FIXTURES / "llama3" / "golden.npz")
     prompt, want_ids = golden["prompt_1"].tolist(), golden["greedy_1"].tolist()  # TP = 1's tokens (test above)
