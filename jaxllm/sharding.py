@@ -13,7 +13,8 @@ its N / tp q-heads attend with. The KV cache then has tp head slots, slot d hold
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 TP = "tp"
 

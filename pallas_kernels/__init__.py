@@ -9,8 +9,8 @@ blocks the attention kernels share, kv_write.py the XLA write of new keys and va
 
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.decode_attention_kernel import DecodeConfig
-from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.kv_write import write_kv
+from pallas_kernels.ragged_attention_kernel import RaggedConfig
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 from pallas_kernels.rotary_kv import rotary_write_kv

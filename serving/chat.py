@@ -8,8 +8,14 @@ from fastapi.responses import Response
 from serving.context import ServerContext
 from serving.generation import Generation
 from serving.logprobs import chat_logprobs
-from serving.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, UsageInfo,
-                              parse_body)
+from serving.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    UsageInfo,
+    parse_body,
+)
 from serving.respond import respond
 from serving.streaming import DeltaTracker, sse
 

@@ -17,7 +17,6 @@ when kv-heads are fewer than devices, each shard then computes just the kv-head 
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,6 @@ from jax.sharding import Mesh
 from jaxllm import sharding
 from jaxllm.model_config import ModelConfig
 
-T = TypeVar("T")
-
 
 @dataclasses.dataclass(frozen=True)
 class FusedProjection:
@@ -35,8 +32,8 @@ class FusedProjection:
     parts: tuple[str, ...]  # checkpoint-layout params [I, O_i] / [O_i], concatenated per shard in this order
 
 
-def create_parts_last(paths: Sequence[str], fusions: tuple[FusedProjection, ...], create: Callable[[int], T], *,
-                      map_fn=map) -> list[T]:
+def create_parts_last[T](paths: Sequence[str], fusions: tuple[FusedProjection, ...], create: Callable[[int], T], *,
+                         map_fn=map) -> list[T]:
     """[create(i) for each of `paths` (dotted param paths)], in tree order, with the calls made in two groups: every
     other param, then the fusion parts, each group in tree order. `map_fn` (a thread pool's map, say) may run the
     calls of a group at once; the parts still wait for every other param.

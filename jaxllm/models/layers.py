@@ -13,14 +13,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
-
-from pallas_kernels import add_rms_norm_kernel as fused_norm
-from pallas_kernels.backend import TRITON, resolve_backend
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import split_fused
+from pallas_kernels import add_rms_norm_kernel as fused_norm
+from pallas_kernels.backend import TRITON, resolve_backend
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

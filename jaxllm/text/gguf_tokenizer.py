@@ -7,7 +7,8 @@ a GGUF model tokenizes here exactly as in transformers and vLLM, without importi
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
