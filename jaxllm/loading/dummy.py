@@ -29,7 +29,7 @@ def dummy_params(model, *, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: i
         # One small program per param rather than one for all: layers repeat shapes, so a model compiles one
         # program per distinct (shape, dtype, sharding) — a dozen for Llama-3.1-8B — and reuses them across calls.
         where = param_sharding(path, leaf.shape, mesh, model.config)
-        make = jax.jit(_random_param, static_argnums=(2, 3, 4), out_shardings=where)
+        make = jax.jit(_random_param, static_argnames=("shape", "dtype", "is_norm"), out_shardings=where)
         return make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS)
 
     return jax.tree_util.tree_unflatten(treedef, create_parts_last(paths, model.fused_projections, create))

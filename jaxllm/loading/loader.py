@@ -131,7 +131,8 @@ def _place(source: TensorSource, piece: _Piece, shape: tuple[int, ...], sharding
         stored_shape, stored_sharding, lambda index: _read_block(source, piece, index, stored_shape))
     if not piece.transpose and stored.dtype == dtype:
         return stored
-    convert = jax.jit(_to_param, static_argnums=(1, 2), out_shardings=sharding)  # compiled once per shape & dtype
+    # Compiled once per shape and dtype.
+    convert = jax.jit(_to_param, static_argnames=("transpose", "dtype"), out_shardings=sharding)
     return convert(stored, piece.transpose, dtype)
 
 

@@ -78,7 +78,7 @@ def _fuse_layer(layer: dict, fusions: tuple[FusedProjection, ...], config: Model
         shards = tp if all(width % tp == 0 for width in widths) else 1
         shape = (*parts[0].shape[:-1], shards, sum(widths) // shards)
         # One small program per distinct shape, compiled once and reused by every layer (as dummy.py does).
-        concat = jax.jit(_concatenate_shards, static_argnums=(1, 2, 3, 4),
+        concat = jax.jit(_concatenate_shards, static_argnames=("names", "shards", "kv_repeats", "head_dim"),
                          out_shardings=sharding.param_sharding(fusion.name, shape, mesh))
         out[fusion.name] = concat(parts, fusion.parts, shards, kv_repeats, config.head_dim)
     return out

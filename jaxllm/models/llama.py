@@ -120,7 +120,7 @@ class LlamaForCausalLM:
             params["lm_head"] = s(d, c.vocab_size)
         return params
 
-    @functools.partial(jax.jit, static_argnums=(0, 1))
+    @functools.partial(jax.jit, static_argnames=("self", "sliding_window"))
     def _decoder_layer(self, sliding_window: int | None, p: dict, k_pages: jax.Array, v_pages: jax.Array,
                        x: jax.Array, normed: jax.Array, next_norm: jax.Array, cos: jax.Array, sin: jax.Array,
                        metadata: AttentionMetadata):
