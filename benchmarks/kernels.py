@@ -74,7 +74,7 @@ def chain_time(fn, args, *, inner=8, target_s=0.15, repeats=3) -> float:
     return float(np.median(times))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnames=("num_pages", "seed"))
 def random_pages(num_pages: int, seed: int) -> jax.Array:
     """[K, P, B, H] bf16 of random values: one random slab tiled (tile and slice fuse into one pass), so a 34 GB
     cache needs neither 68 GB of RNG bits nor a second copy."""
@@ -179,7 +179,7 @@ def time_write_kv() -> dict:
     rng = np.random.default_rng(0)
     slots = [jnp.asarray(rng.choice(d["k"].shape[1] * PAGE, 64, replace=False), jnp.int32) for _ in range(8)]
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnames=("k", "v"))
     def step(k, v):
         for s in slots:
             k, v = write_kv(k, v, new, new, s)

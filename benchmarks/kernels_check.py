@@ -100,7 +100,7 @@ def run_norm_case(case, seed):
     poison_free_memory()
     total, normed = jax.jit(functools.partial(add_rms_norm_triton, eps=1e-5))(x, h, weight)
     want_total = x + h
-    want = jax.jit(rms_norm, static_argnums=2)(want_total, weight, 1e-5)
+    want = jax.jit(rms_norm, static_argnames="eps")(want_total, weight, 1e-5)
     got, want = np.asarray(normed.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     sum_exact = bool(np.array_equal(np.asarray(total), np.asarray(want_total)))

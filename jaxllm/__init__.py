@@ -12,10 +12,12 @@ from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.runtime.follower import run_worker
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.validation import ContextLengthExceededError, RequestTooLargeError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "SamplingParams", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "EngineStats", "RequestOutput",
-    "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "run_worker", "__version__",
+    "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "ContextLengthExceededError",
+    "RequestTooLargeError", "run_worker", "__version__",
 ]

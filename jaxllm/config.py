@@ -60,7 +60,8 @@ class EngineConfig:
     disable_custom_all_reduce: bool = option(False, help="with -tp > 1 on GPU, keep every all-reduce on NCCL "
                                                          "instead of XLA's collective kernels")
     # Multi-host (vLLM's multi-node flags): one model over the devices of `nnodes` hosts through jax.distributed;
-    # node 0 schedules, nodes 1.. run its steps (jaxllm.distributed). tensor_parallel_size spans all hosts.
+    # node 0 schedules, nodes 1.. run its steps (runtime/follower.py, over jaxllm.distributed's channel);
+    # tensor_parallel_size spans all hosts.
     nnodes: int = option(1, flags=("--num-nodes",), group=_MULTI_HOST, help="hosts the model spans")
     node_rank: int = option(0, group=_MULTI_HOST, help="0 serves HTTP and schedules; other ranks run node 0's steps")
     master_addr: str | None = option(None, group=_MULTI_HOST, help="node 0's address (the jax.distributed "

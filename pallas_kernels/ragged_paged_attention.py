@@ -16,7 +16,7 @@ from pallas_kernels.backend import REFERENCE, XLA, resolve_backend
 from pallas_kernels.decode_attention_kernel import DecodeConfig, decode_attention_triton
 from pallas_kernels.ragged_attention_kernel import RaggedConfig, ragged_attention_triton
 from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_chunked
+from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
 
 
 def _check_shapes(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc):
@@ -73,7 +73,7 @@ def ragged_paged_attention(
     if backend == REFERENCE:
         return ragged_paged_attention_reference(*args, **knobs)
     if backend == XLA:
-        return ragged_paged_attention_chunked(*args, **knobs)
+        return ragged_paged_attention_xla(*args, **knobs)
     if decode_only:
         if q.shape[0] != block_tables.shape[0]:
             raise ValueError(f"decode_only needs one token per sequence: q has {q.shape[0]} tokens, "

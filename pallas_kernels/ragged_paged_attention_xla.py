@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from pallas_kernels.positions import token_positions
 
 
-def ragged_paged_attention_chunked(
+def ragged_paged_attention_xla(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [K, P, B, H]
     v_pages: jax.Array,  # [K, P, B, H]

@@ -14,7 +14,7 @@ import sys
 
 import uvicorn
 
-from jaxllm import AsyncLLMEngine, EngineConfig
+from jaxllm import AsyncLLMEngine, EngineConfig, run_worker
 from jaxllm.default_model import default_model_name
 from serving.app import build_app
 from serving.context import ServerContext
@@ -97,8 +97,6 @@ def run(config: EngineConfig, options: ServerOptions) -> int:
     """Serve `config`'s engine as `options` say until a signal; -> the process's exit code."""
     _configure_logging(options.uvicorn_log_level)
     if config.node_rank > 0:  # a follower host: it runs node 0's steps and serves nothing
-        from jaxllm.runtime.follower import run_worker
-
         run_worker(config)
         return 0
     names = list(options.served_model_name or [config.model or default_model_name()])

@@ -2,6 +2,8 @@
 
 import gc
 
+import jax
+
 from jaxllm import EngineConfig, LLMEngine, SamplingParams
 
 FIXTURE = "tests/fixtures/llama3"
@@ -54,3 +56,24 @@ def test_programs_traced_after_start_up_are_frozen_once_the_engine_is_idle():
         assert gc.get_freeze_count() > frozen and len(gc.get_objects()) < 200
     finally:
         engine.close()
+
+
+def test_freeze_gc_and_compile_cache_off_leave_the_process_as_it_was():
+    gc.unfreeze()
+    cache_dir = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        engine = LLMEngine(EngineConfig(model=FIXTURE, dtype="float32", enforce_eager=True, max_model_len=128,
+                                        kv_cache_memory_bytes=1 << 22, max_num_seqs=4, freeze_gc=False,
+                                        compile_cache=False))
+        try:
+            engine.add_request("r", {"prompt_token_ids": [5, 9, 13, 2]},
+                               SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+            while engine.has_unfinished_requests():
+                engine.step()
+            assert gc.get_freeze_count() == 0
+            assert jax.config.jax_compilation_cache_dir is None
+        finally:
+            engine.close()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -1,4 +1,5 @@
-"""The import arrows of DESIGN.md, read from the source (ast, nothing is imported) and enforced.
+"""The import arrows of the project's design (DESIGN.md in its shared design docs), read from the source (ast,
+nothing is imported) and enforced.
 
 Every `import` of every module in jaxllm/, serving/, pallas_kernels/ and benchmarks/ is an arrow, module-level and
 function-level alike: a lazy import still means the two modules need each other, it only hides the loop until run

@@ -33,6 +33,7 @@ COMPLETION_CASES = {
     "frequency_penalty": ({"prompt": "hi", "frequency_penalty": -3}, None),
     "repetition_penalty": ({"prompt": "hi", "repetition_penalty": 0}, None),
     "n_zero": ({"prompt": "hi", "n": 0}, None),
+    "n_over_max_num_seqs": ({"prompt": "hi", "n": 65, "max_tokens": 2}, None),  # refused before the engine thread
     "best_of_not_n": ({"prompt": "hi", "best_of": 3}, None),
     "empty_prompt": ({"prompt": ""}, None),
     "empty_list": ({"prompt": []}, None),
