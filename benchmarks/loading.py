@@ -26,6 +26,7 @@ from benchmarks.memory import snapshot
 from benchmarks.synthetic_model import make_model_dir
 from jaxllm.loading import load_model
 from jaxllm.model_config import ModelConfig
+from jaxllm.models.state import state_dict
 
 SHARD_BYTES = 5 * 10 ** 9
 GB = 1e9
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
     report["loads"] = []
     for _ in range(args.loads):
         start = time.perf_counter()
-        _, params, _ = load_model(args.checkpoint_dir, dtype="bfloat16")
+        params = state_dict(load_model(args.checkpoint_dir, dtype="bfloat16")[0])
         jax.block_until_ready(params)
         seconds = time.perf_counter() - start
         nbytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))

@@ -14,6 +14,7 @@ import jax
 
 from jaxllm import EngineConfig, sharding
 from jaxllm.loading import load_model
+from jaxllm.models.state import state_dict
 from jaxllm.runtime.runner import ModelRunner
 
 GIB = 2 ** 30
@@ -41,10 +42,10 @@ def main(argv=None) -> list[dict]:
     mesh = sharding.make_mesh(args.tensor_parallel_size)
     devices = list(mesh.devices.flat)
     phases = [snapshot("start", devices)]
-    _, params, _ = load_model(args.model, dtype="bfloat16", load_format="dummy", mesh=mesh)
-    jax.block_until_ready(params)
+    model, _ = load_model(args.model, dtype="bfloat16", load_format="dummy", mesh=mesh)
+    jax.block_until_ready(state_dict(model))
     phases.append(snapshot("weights loaded and fused", devices))
-    del params
+    del model
     phases.append(snapshot("weights freed", devices))
     runner = ModelRunner(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", enforce_eager=True,
                                       tensor_parallel_size=args.tensor_parallel_size), args.model)

@@ -15,11 +15,28 @@ Prompt = str | dict | list[int]
 
 
 class LLM:
-    """An engine for offline batched generation. Also a context manager; `close()` frees device memory."""
+    """An engine for offline batched generation. Also a context manager; `close()` frees device memory.
+
+    `llm.model` is the loaded flax.nnx module (models/llama.py), whose params are the very arrays the engine
+    steps with. `llm.model(ids)` (ids int32 [B, T]) is a plain causal forward without the KV cache: float32
+    logits [B, T, V], differentiable with `jax.grad` / `nnx.grad`. Right-pad a batch of unequal lengths (no mask is
+    needed: a position never attends to the padding after it; the padding's own logits are meaningless); left
+    padding is not supported.
+
+    To change the model, take its state out and work on a copy: `graphdef, state = nnx.split(llm.model)`, edit
+    `state` or the merged module (wrap a layer, a training step), then `nnx.merge(graphdef, state)(ids)`. The
+    engine does not see such edits: serving a changed model needs `llm.load_weights` (issue 24), not supported
+    yet; assigning to `llm.model`'s params in place changes the module but not what `generate` runs.
+    """
 
     def __init__(self, model: str | None = None, **kwargs):
         self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
         self._ids = itertools.count()
+
+    @property
+    def model(self):
+        """The engine's flax.nnx model, its live weights (not a copy); see the class docstring."""
+        return self.llm_engine.runner.model
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -11,6 +11,8 @@ its N / tp q-heads attend with. The KV cache then has tp head slots, slot d hold
 (models/fusion.py) gives each device the columns of exactly its slot's kv-head.
 """
 
+import re
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -18,23 +20,28 @@ from jax.sharding import PartitionSpec as P
 
 TP = "tp"
 
-# Keyed by a param's leaf name (the last component of its dotted path).
+# Keyed by a param's state path, "{i}" standing for a layer index (models/llama.py's state tree); the checkpoint
+# layout's q/k/v and gate/up parts exist only while loading (models/fusion.py).
 PARAM_SPECS: dict[str, P] = {
-    "embed": P(TP, None),  # [V, D]
-    "lm_head": P(None, TP),  # [D, V]
-    "q_proj": P(None, TP), "k_proj": P(None, TP), "v_proj": P(None, TP),  # [D, N*H], [D, K*H]
-    "q_bias": P(TP), "k_bias": P(TP), "v_bias": P(TP),
-    "o_proj": P(TP, None),  # [N*H, D]
-    "o_bias": P(),
-    "gate_proj": P(None, TP), "up_proj": P(None, TP),  # [D, F]
-    "gate_bias": P(TP), "up_bias": P(TP),
-    "down_proj": P(TP, None),  # [F, D]
-    "down_bias": P(),
+    "embed.weight": P(TP, None),  # [V, D]
+    "lm_head.weight": P(None, TP),  # [D, V]
+    "final_norm.weight": P(),
+    "layers.{i}.input_norm.weight": P(), "layers.{i}.post_norm.weight": P(),
+    "layers.{i}.attn.q_proj": P(None, TP), "layers.{i}.attn.k_proj": P(None, TP),  # [D, N*H], [D, K*H]
+    "layers.{i}.attn.v_proj": P(None, TP),
+    "layers.{i}.attn.q_bias": P(TP), "layers.{i}.attn.k_bias": P(TP), "layers.{i}.attn.v_bias": P(TP),
+    "layers.{i}.attn.o_proj": P(TP, None),  # [N*H, D]
+    "layers.{i}.attn.o_bias": P(),
+    "layers.{i}.attn.q_norm.weight": P(), "layers.{i}.attn.k_norm.weight": P(),
+    "layers.{i}.mlp.gate_proj": P(None, TP), "layers.{i}.mlp.up_proj": P(None, TP),  # [D, F]
+    "layers.{i}.mlp.gate_bias": P(TP), "layers.{i}.mlp.up_bias": P(TP),
+    "layers.{i}.mlp.down_proj": P(TP, None),  # [F, D]
+    "layers.{i}.mlp.down_bias": P(),
     # The fused layout the forward runs on (models/fusion.py): [D, S, W] / [S, W], S = tp shards of whole columns.
-    "qkv_proj": P(None, TP, None), "gate_up_proj": P(None, TP, None),
-    "qkv_bias": P(TP, None), "gate_up_bias": P(TP, None),
-    "input_norm": P(), "post_norm": P(), "final_norm": P(), "q_norm": P(), "k_norm": P(),
+    "layers.{i}.attn.qkv_proj": P(None, TP, None), "layers.{i}.mlp.gate_up_proj": P(None, TP, None),
+    "layers.{i}.attn.qkv_bias": P(TP, None), "layers.{i}.mlp.gate_up_bias": P(TP, None),
 }
+_LAYER_INDEX = re.compile(r"(?<=^layers\.)\d+(?=\.)")
 # Params split over kv-heads: whole (replicated) when the kv-heads are fewer than the devices.
 KV_HEAD_PARAMS = frozenset({"k_proj", "v_proj", "k_bias", "v_bias"})
 
@@ -76,14 +83,14 @@ def tp_size(mesh: Mesh | None) -> int:
 
 
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, config=None) -> P:
-    """The spec of one param.
+    """The spec of one param, by its dotted state path ("layers.3.attn.qkv_proj").
 
     With the model's `config` (a ModelConfig) the heads are checked against the mesh (ValueError naming both) and
     k/v projections are replicated when kv-heads are fewer than devices. Any other axis the mesh does not divide
     evenly (a vocabulary or MLP size) stays replicated rather than fail.
     """
     name = path.rsplit(".", 1)[-1]
-    spec = PARAM_SPECS[name]
+    spec = PARAM_SPECS[_LAYER_INDEX.sub("{i}", path)]
     assert len(spec) <= len(shape), (path, spec, shape)
     tp = mesh.shape[TP]
     if config is not None:

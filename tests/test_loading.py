@@ -22,7 +22,7 @@ from jaxllm.loading import SafetensorsSource, dummy_params, load_model
 from jaxllm.model_config import ModelConfig
 from jaxllm.models import build_model
 from jaxllm.models.fusion import FusedProjection, create_parts_last
-from jaxllm.models.weight_map import dotted
+from jaxllm.models.state import state_dict
 from jaxllm.sharding import make_mesh, param_spec
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -52,27 +52,28 @@ def fixture_config(directory) -> dict:
 
 
 def test_sharded_checkpoint_fills_every_param_exactly():
-    model, params, config = load_model(LLAMA3, dtype="float32")
+    model, config = load_model(LLAMA3, dtype="float32")
+    params = state_dict(model)
     ref = hf_tensors(LLAMA3)
-    np.testing.assert_array_equal(params["embed"], ref["model.embed_tokens.weight"])
-    np.testing.assert_array_equal(params["lm_head"], ref["lm_head.weight"].T)
-    np.testing.assert_array_equal(params["final_norm"], ref["model.norm.weight"])
+    np.testing.assert_array_equal(params["embed.weight"], ref["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params["lm_head.weight"], ref["lm_head.weight"].T)
+    np.testing.assert_array_equal(params["final_norm.weight"], ref["model.norm.weight"])
     for i in range(config.num_layers):
-        layer, pre = params["layers"][i], f"model.layers.{i}."
+        layer, pre = model.layers[i], f"model.layers.{i}."
 
         def hf(name, pre=pre):
             return ref[pre + name + ".weight"].T  # [in, out]
 
         # One device: the fused projections are the checkpoint's columns side by side, in one shard.
         qkv = np.concatenate([hf("self_attn.q_proj"), hf("self_attn.k_proj"), hf("self_attn.v_proj")], axis=1)
-        np.testing.assert_array_equal(layer["qkv_proj"], qkv[:, None, :])
-        np.testing.assert_array_equal(layer["gate_up_proj"],
+        np.testing.assert_array_equal(layer.attn.qkv_proj[...], qkv[:, None, :])
+        np.testing.assert_array_equal(layer.mlp.gate_up_proj[...],
                                       np.concatenate([hf("mlp.gate_proj"), hf("mlp.up_proj")], axis=1)[:, None, :])
-        np.testing.assert_array_equal(layer["o_proj"], hf("self_attn.o_proj"))
-        np.testing.assert_array_equal(layer["down_proj"], hf("mlp.down_proj"))
-        np.testing.assert_array_equal(layer["input_norm"], ref[pre + "input_layernorm.weight"])
-        np.testing.assert_array_equal(layer["post_norm"], ref[pre + "post_attention_layernorm.weight"])
-    assert len(jax.tree_util.tree_leaves(params)) == len(ref) - 3 * config.num_layers  # q/k/v -> 1, gate/up -> 1
+        np.testing.assert_array_equal(layer.attn.o_proj[...], hf("self_attn.o_proj"))
+        np.testing.assert_array_equal(layer.mlp.down_proj[...], hf("mlp.down_proj"))
+        np.testing.assert_array_equal(layer.input_norm.weight[...], ref[pre + "input_layernorm.weight"])
+        np.testing.assert_array_equal(layer.post_norm.weight[...], ref[pre + "post_attention_layernorm.weight"])
+    assert len(params) == len(ref) - 3 * config.num_layers  # q/k/v -> 1, gate/up -> 1
 
 
 def test_index_disagreeing_with_shards_is_an_error(tmp_path):
@@ -85,32 +86,32 @@ def test_index_disagreeing_with_shards_is_an_error(tmp_path):
 
 
 def test_tied_embeddings_have_no_lm_head_and_a_stray_copy_is_skipped(tmp_path):
-    _, params, config = load_model(QWEN2, dtype="float32")
-    assert config.tie_word_embeddings and "lm_head" not in params
+    model, config = load_model(QWEN2, dtype="float32")
+    assert config.tie_word_embeddings and model.lm_head is None and "lm_head.weight" not in state_dict(model)
     ref = hf_tensors(QWEN2)
     bias = np.concatenate([ref[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"])
-    np.testing.assert_array_equal(params["layers"][1]["qkv_bias"], bias[None, :])
+    np.testing.assert_array_equal(model.layers[1].attn.qkv_bias[...], bias[None, :])
     ref["lm_head.weight"] = ref["model.embed_tokens.weight"]  # some tied checkpoints store the copy anyway
-    _, params2, _ = load_model(write_checkpoint(tmp_path / "m", ref, fixture_config(QWEN2)), dtype="float32")
-    assert "lm_head" not in params2
+    again, _ = load_model(write_checkpoint(tmp_path / "m", ref, fixture_config(QWEN2)), dtype="float32")
+    assert "lm_head.weight" not in state_dict(again)
 
 
 def test_dtype_auto_and_conversions(tmp_path):
-    assert load_model(LLAMA3)[1]["embed"].dtype == jnp.bfloat16  # config.json: torch_dtype bfloat16
+    assert load_model(LLAMA3)[0].embed.weight.dtype == jnp.bfloat16  # config.json: torch_dtype bfloat16
     ref = hf_tensors(LLAMA3)
-    _, half, _ = load_model(LLAMA3, dtype="float16")
+    half = load_model(LLAMA3, dtype="float16")[0].layers[0].attn.qkv_proj[...]
     q = ref["model.layers.0.self_attn.q_proj.weight"].T.astype(np.float16)
-    assert half["layers"][0]["qkv_proj"].dtype == jnp.float16
-    np.testing.assert_array_equal(half["layers"][0]["qkv_proj"][:, 0, :q.shape[1]], q)
+    assert half.dtype == jnp.float16
+    np.testing.assert_array_equal(half[:, 0, :q.shape[1]], q)
     # A float32 checkpoint stays float32 under auto, whether config.json says so or only the tensors do.
     rng = np.random.default_rng(0)
     fp32 = {k: (v + rng.normal(0, 1e-3, v.shape)).astype(np.float32) for k, v in ref.items()}
     for dtype_key in ({"torch_dtype": "float32"}, {}):
         config = {k: v for k, v in fixture_config(LLAMA3).items() if k not in ("torch_dtype", "dtype")} | dtype_key
         d = write_checkpoint(tmp_path / f"f32{len(dtype_key)}", fp32, config)
-        _, params, _ = load_model(d)
-        assert params["embed"].dtype == jnp.float32
-        np.testing.assert_array_equal(params["embed"], fp32["model.embed_tokens.weight"])
+        embed = load_model(d)[0].embed.weight[...]
+        assert embed.dtype == jnp.float32
+        np.testing.assert_array_equal(embed, fp32["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="dtype 'int8'"):
         load_model(LLAMA3, dtype="int8")
 
@@ -125,8 +126,9 @@ def test_fused_qkv_and_gate_up_load_like_split_projections(tmp_path):
         fused[pre + "mlp.gate_up_proj.weight"] = np.concatenate(
             [fused.pop(pre + "mlp.gate_proj.weight"), fused.pop(pre + "mlp.up_proj.weight")])
     config = fixture_config(LLAMA3)
-    _, got, _ = load_model(write_checkpoint(tmp_path / "fused", fused, config), dtype="float32")
-    _, want, _ = load_model(LLAMA3, dtype="float32")
+    got = state_dict(load_model(write_checkpoint(tmp_path / "fused", fused, config), dtype="float32")[0])
+    want = state_dict(load_model(LLAMA3, dtype="float32")[0])
+    assert got.keys() == want.keys()
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -141,7 +143,7 @@ def test_refuses_pickles_without_unpickling(tmp_path):
         load_model(d, allow_pickle=True)
     # Next to safetensors weights, pickles are simply ignored.
     save_file({k: v for k, v in hf_tensors(LLAMA3).items()}, str(d / "model.safetensors"))
-    assert load_model(d)[2].architecture == "LlamaForCausalLM"
+    assert load_model(d)[1].architecture == "LlamaForCausalLM"
 
 
 def test_auto_map_refused_and_never_imported(tmp_path):
@@ -153,12 +155,12 @@ def test_auto_map_refused_and_never_imported(tmp_path):
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_model(d)
-    assert load_model(d, trust_remote_code=True)[2].architecture == "LlamaForCausalLM"
+    assert load_model(d, trust_remote_code=True)[1].architecture == "LlamaForCausalLM"
     assert not sentinel.exists()
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"layers\.1\.up_proj \(e\.g\. model\.layers\.1\.mlp"),
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"layers\.1\.mlp\.up_proj \(e\.g\. model\.layers\.1\.mlp"),
     (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.ones(256, np.float32)}),
      r"unexpected checkpoint tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
     (lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.ones((128, 64), np.float32)}),
@@ -176,7 +178,7 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, edit, matc
 
 def test_derived_rotary_buffers_are_ignored(tmp_path):
     tensors = hf_tensors(LLAMA3) | {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(32, np.float32)}
-    assert load_model(write_checkpoint(tmp_path / "m", tensors, fixture_config(LLAMA3)))[2].num_layers == 2
+    assert load_model(write_checkpoint(tmp_path / "m", tensors, fixture_config(LLAMA3)))[1].num_layers == 2
 
 
 def test_safetensors_source_reads_only_the_requested_block():
@@ -189,42 +191,41 @@ def test_safetensors_source_reads_only_the_requested_block():
 
 def test_dummy_params_shapes_dtypes_and_determinism():
     config = ModelConfig.from_pretrained(QWEN2)
-    model, params, _ = load_model(config, load_format="dummy", dtype="bfloat16", seed=3)
+    model, _ = load_model(config, load_format="dummy", dtype="bfloat16", seed=3)
     d, q, kv, f = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
-    for layer in params["layers"]:
-        assert layer["qkv_proj"].shape == (d, 1, q + 2 * kv) and layer["qkv_bias"].shape == (1, q + 2 * kv)
-        assert layer["gate_up_proj"].shape == (d, 1, 2 * f)
-        assert {leaf.dtype for leaf in layer.values()} == {jnp.dtype(jnp.bfloat16)}
-    w = np.asarray(params["layers"][0]["qkv_proj"], np.float32)
+    for layer in model.layers:
+        assert layer.attn.qkv_proj.shape == (d, 1, q + 2 * kv) and layer.attn.qkv_bias.shape == (1, q + 2 * kv)
+        assert layer.mlp.gate_up_proj.shape == (d, 1, 2 * f)
+    assert {leaf.dtype for leaf in state_dict(model).values()} == {jnp.dtype(jnp.bfloat16)}
+    w = np.asarray(model.layers[0].attn.qkv_proj[...], np.float32)
     assert 0.01 < w.std() < 0.03 and np.all(np.isfinite(w))
-    norm = np.asarray(params["layers"][1]["input_norm"], np.float32)
+    norm = np.asarray(model.layers[1].input_norm.weight[...], np.float32)
     assert abs(norm.mean() - 1) < 0.01 and norm.std() > 0
-    again = dummy_params(model, dtype=jnp.bfloat16, seed=3)
-    other = dummy_params(model, dtype=jnp.bfloat16, seed=4)
-    np.testing.assert_array_equal(again["embed"], params["embed"])
-    assert not np.array_equal(other["embed"], params["embed"])
-    assert not np.array_equal(params["layers"][0]["qkv_proj"], params["layers"][1]["qkv_proj"])
+    again = dummy_params(model, seed=3)
+    other = dummy_params(model, seed=4)
+    np.testing.assert_array_equal(again["embed.weight"], model.embed.weight[...])
+    assert not np.array_equal(other["embed.weight"], model.embed.weight[...])
+    assert not np.array_equal(model.layers[0].attn.qkv_proj[...], model.layers[1].attn.qkv_proj[...])
 
 
 def test_loaders_create_fusion_parts_last_and_dummy_values_do_not_depend_on_that_order():
     model = build_model(ModelConfig.from_pretrained(QWEN2))
-    shapes = jax.tree_util.tree_flatten_with_path(model.param_shapes(jnp.float32))[0]
-    paths = [dotted(keypath) for keypath, _ in shapes]
+    shapes = model.checkpoint_shapes()
+    paths = list(shapes)
     order = []
     create_parts_last(paths, model.fused_projections, order.append)  # the calls' order
     parts = {part for fusion in model.fused_projections for part in fusion.parts}
-    is_part = [paths[j].rsplit(".", 1)[-1] in parts for j in order]
+    is_part = [paths[j].split(".", 2)[-1] in parts for j in order]
     assert sorted(order) == list(range(len(paths))) and any(is_part) and not all(is_part)
     assert is_part == sorted(is_part)  # every part after every other param
     first_part = is_part.index(True)
     assert order[:first_part] == sorted(order[:first_part]) and order[first_part:] == sorted(order[first_part:])
-    # Each dummy param is drawn from fold_in(key(seed), its leaf number), whatever order they are made in.
-    params = dummy_params(model, dtype=jnp.float32, seed=5)
-    for path in ("embed", "layers.1.k_proj", "layers.0.down_proj"):
+    # Each dummy param is drawn from fold_in(key(seed), its number in the layout), whatever order they are made in.
+    params = dummy_params(model, seed=5)
+    for path in ("embed.weight", "layers.1.attn.k_proj", "layers.0.mlp.down_proj"):
         j = paths.index(path)
-        want = 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(5), j), shapes[j][1].shape)
-        got = params[path] if "." not in path else params["layers"][int(path.split(".")[1])][path.split(".")[2]]
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+        want = 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(5), j), shapes[path].shape)
+        np.testing.assert_allclose(np.asarray(params[path]), np.asarray(want), rtol=1e-6, atol=1e-7)
 
 
 def test_written_checkpoint_has_hugging_faces_names_and_shapes_in_shards_and_loads(tmp_path):
@@ -239,22 +240,23 @@ def test_written_checkpoint_has_hugging_faces_names_and_shapes_in_shards_and_loa
     assert set(index["weight_map"]) == set(ours)
     weights = np.concatenate([v.ravel() for v in ours.values()])
     assert 0.015 < weights.std() < 0.025 and np.count_nonzero(weights) > 0.99 * weights.size
-    _, params, _ = load_model(str(tmp_path / "ckpt"), dtype="float32")
-    np.testing.assert_array_equal(params["embed"], ours["model.embed_tokens.weight"])
+    model, _ = load_model(str(tmp_path / "ckpt"), dtype="float32")
+    np.testing.assert_array_equal(model.embed.weight[...], ours["model.embed_tokens.weight"])
     assert (tmp_path / "ckpt" / "tokenizer.json").is_file()  # it serves too (benchmarks.startup)
 
 
 def test_params_made_concurrently_still_finish_every_other_param_before_the_first_fusion_part():
     """The loader places params from a thread pool; the parts (freed again by fusing) must still come after every
     other param, or their holes would lie between the weights (create_parts_last)."""
-    paths = ["embed", "layers.0.q_proj", "layers.0.input_norm", "layers.0.k_proj", "final_norm"]
-    fusions = (FusedProjection("qkv_proj", ("q_proj", "k_proj")),)
+    paths = ["embed.weight", "layers.0.attn.q_proj", "layers.0.input_norm.weight", "layers.0.attn.k_proj",
+             "final_norm.weight"]
+    fusions = (FusedProjection("attn.qkv_proj", ("attn.q_proj", "attn.k_proj")),)
     events, lock = [], threading.Lock()
 
     def create(i: int) -> str:
         with lock:
             events.append(("start", paths[i]))
-        if paths[i] == "embed":
+        if paths[i] == "embed.weight":
             threading.Event().wait(0.2)  # the slowest param: the parts must wait for it
         with lock:
             events.append(("end", paths[i]))
@@ -274,20 +276,23 @@ def test_dummy_llama31_8b_shapes_without_allocating():
           "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
           "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
-    model = build_model(ModelConfig.from_hf(hf))
-    shapes = jax.eval_shape(lambda: dummy_params(model, dtype=jnp.bfloat16))
+    model = build_model(ModelConfig.from_hf(hf), dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(lambda: dummy_params(model))
     assert sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)) == 8_030_261_248
-    assert shapes["layers"][31]["k_proj"].shape == (4096, 1024) and shapes["lm_head"].dtype == jnp.bfloat16
+    assert shapes["layers.31.attn.k_proj"].shape == (4096, 1024) and shapes["lm_head.weight"].dtype == jnp.bfloat16
+    # The abstract model (no memory either) has the fused state of the same size.
+    fused = jax.tree_util.tree_leaves(state_dict(model))
+    assert sum(np.prod(s.shape) for s in fused) == 8_030_261_248 and len(fused) == 32 * 6 + 3
 
 
 def test_params_placed_with_their_partition_specs_on_a_one_device_mesh():
     mesh = make_mesh(1)
-    _, params, _ = load_model(QWEN2, mesh=mesh)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    params = state_dict(load_model(QWEN2, mesh=mesh)[0])
+    for path, leaf in params.items():
         assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
-        want = NamedSharding(mesh, param_spec(dotted(path), leaf.shape, mesh))
-        assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (dotted(path), leaf.sharding)
-    assert params["layers"][0]["qkv_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
+        want = NamedSharding(mesh, param_spec(path, leaf.shape, mesh))
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.sharding)
+    assert params["layers.0.attn.qkv_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
 
 
 SHARDED_CHECK = """
@@ -297,6 +302,8 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.loading import SafetensorsSource, load_params
 from jaxllm.models import build_model
+from jaxllm.models.fusion import fuse_params
+from jaxllm.models.state import fill
 from jaxllm.model_config import ModelConfig
 from jaxllm.sharding import kv_cache_heads, kv_sharding, make_mesh
 
@@ -312,25 +319,23 @@ class Recording(SafetensorsSource):
 
 mesh = make_mesh(4)
 config = ModelConfig.from_pretrained(fixture)
-model = build_model(config, mesh=mesh)
-params = load_params(Recording.from_dir(fixture), model, dtype="float32", mesh=mesh)  # the checkpoint layout
+model = build_model(config, dtype=jnp.float32, mesh=mesh)
+params = load_params(Recording.from_dir(fixture), model, mesh=mesh)  # the checkpoint layout
 reference = SafetensorsSource.from_dir(fixture)
 for path, hf, spec, shard_shape in [
-        (("layers", 0, "q_proj"), "model.layers.0.self_attn.q_proj.weight", P(None, "tp"), (64, 64)),
-        (("layers", 1, "down_proj"), "model.layers.1.mlp.down_proj.weight", P("tp", None), (32, 64)),
-        (("embed",), "model.embed_tokens.weight", P("tp", None), (128, 64))]:
-    leaf = params
-    for key in path:
-        leaf = leaf[key]
+        ("layers.0.attn.q_proj", "model.layers.0.self_attn.q_proj.weight", P(None, "tp"), (64, 64)),
+        ("layers.1.mlp.down_proj", "model.layers.1.mlp.down_proj.weight", P("tp", None), (32, 64)),
+        ("embed.weight", "model.embed_tokens.weight", P("tp", None), (128, 64))]:
+    leaf = params[path]
     assert leaf.sharding.spec == spec, (path, leaf.sharding.spec)
     full = reference.read(hf).astype(np.float32)
-    full = full if path == ("embed",) else full.T
+    full = full if path == "embed.weight" else full.T
     assert len(leaf.addressable_shards) == 4
     for shard in leaf.addressable_shards:
         assert shard.data.shape == shard_shape
         np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
     # each device read only its own block from the file: no full copy per device
-    assert {shape for name, shape in reads if name == hf} == {shard_shape[::-1] if path != ("embed",) else
+    assert {shape for name, shape in reads if name == hf} == {shard_shape[::-1] if path != "embed.weight" else
                                                             shard_shape}, reads
 
 # Fused for the forward: device d's qkv_proj shard is its q-heads' columns, then its cache slot's kv-head's k and v.
@@ -341,8 +346,8 @@ def columns(name, heads, repeat):
     return np.repeat(w, repeat, axis=1).reshape(w.shape[0], 4, -1)  # [D, S, heads * repeat * H / S]
 want = np.concatenate([columns("q_proj", n, 1), columns("k_proj", k, slots // k), columns("v_proj", k, slots // k)],
                       axis=-1)
-params = model.fuse_params(params)
-qkv = params["layers"][0]["qkv_proj"]
+model = fill(model, fuse_params(params, model.fused_projections, config, mesh))
+qkv = model.layers[0].attn.qkv_proj[...]
 assert qkv.sharding.spec == P(None, "tp", None), qkv.sharding
 assert {shard.data.shape for shard in qkv.addressable_shards} == {(want.shape[0], 1, want.shape[2])}
 np.testing.assert_array_equal(np.asarray(qkv), want)
@@ -360,7 +365,10 @@ metadata = AttentionMetadata(
     slot_mapping=jnp.asarray(table[pos // block] * block + pos % block, jnp.int32),
     block_tables=jnp.asarray(np.pad(table, (0, 15 - len(table)))[None], jnp.int32),
     seq_lens=jnp.asarray([t], jnp.int32), query_start_loc=jnp.asarray([0, t], jnp.int32))
-_, logits = jax.jit(model.__call__)(params, cache, jnp.asarray(prompt, jnp.int32), metadata)
+_, logits = jax.jit(lambda m, c, t, md: m.step(c, t, md))(model, cache, jnp.asarray(prompt, jnp.int32), metadata)
+dense = np.asarray(jax.jit(lambda m, ids: m(ids))(model, jnp.asarray(prompt, jnp.int32)[None]))[0]
+dense_err = np.linalg.norm(dense - want) / np.linalg.norm(want)
+assert dense_err <= 1e-4, dense_err
 err = np.linalg.norm(np.asarray(logits) - want) / np.linalg.norm(want)
 assert err <= 1e-4, err
 print("OK", err)

@@ -19,14 +19,14 @@ BLOCK_SIZE, NUM_BLOCKS, MAX_BLOCKS = 16, 12, 8
 
 def test_default_gguf_model_greedy_matches_transformers():
     ref = json.loads(REFERENCE.read_text())
-    model, params, config = load_model(default_model_path(), dtype="float32")
+    model, config = load_model(default_model_path(), dtype="float32")
     assert (config.num_layers, config.num_q_heads, config.num_kv_heads, config.tie_word_embeddings) == (30, 9, 3, True)
-    assert "lm_head" not in params and params["embed"].dtype == jnp.float32
+    assert model.lm_head is None and model.embed.weight.dtype == jnp.float32
 
     cache = KVCache.create(num_layers=config.num_layers, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
                            num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32)
     table = np.random.default_rng(0).permutation(np.arange(1, NUM_BLOCKS))[:MAX_BLOCKS]  # block 0 stays null
-    step = jax.jit(model.__call__, donate_argnums=1)
+    step = jax.jit(lambda model, *args: model.step(*args), donate_argnums=1)
 
     def run(cache, tokens: np.ndarray, start: int, num_tokens: int, decode_only: bool):
         pos = np.arange(start, start + len(tokens))
@@ -40,7 +40,7 @@ def test_default_gguf_model_greedy_matches_transformers():
             query_start_loc=jnp.asarray([0, len(tokens)], jnp.int32),
             decode_only=decode_only)
         token_ids = jnp.asarray(np.pad(tokens, (0, pad)), jnp.int32)
-        cache, logits = step(params, cache, token_ids, metadata, jnp.asarray([len(tokens) - 1], jnp.int32))
+        cache, logits = step(model, cache, token_ids, metadata, jnp.asarray([len(tokens) - 1], jnp.int32))
         return cache, np.asarray(logits[0])
 
     prompt = np.asarray(ref["chat_prompt_ids"])

@@ -14,6 +14,7 @@ import pytest
 
 from jaxllm.kv_cache import NULL_BLOCK, AttentionMetadata, KVCache
 from jaxllm.loading import load_model
+from jaxllm.models.state import ModuleLayout
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 FAMILIES = ["llama3", "llama2", "mistral", "qwen2", "qwen3"]
@@ -42,7 +43,7 @@ class PagedRunner:
         self.max_blocks = num_blocks - 1
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
-        dtype = params["embed"].dtype
+        dtype = params["embed.weight"].dtype
         self.cache = KVCache.create(num_layers=c.num_layers, num_blocks=num_blocks, block_size=block_size,
                                     num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype)
         self.step_fn = step_fn  # shared across runners of a model, so its compiled shapes are reused
@@ -89,9 +90,19 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 def family(request):
     directory = FIXTURES / request.param
     golden = dict(np.load(directory / "golden.npz"))
-    model, params, config = load_model(directory, dtype="float32")
-    assert params["embed"].dtype == jnp.float32
-    return request.param, model, jax.jit(model.__call__, donate_argnums=1), params, golden
+    model, config = load_model(directory, dtype="float32")
+    assert model.embed.weight.dtype == jnp.float32
+    return request.param, model, *paged_step(model), golden
+
+
+def paged_step(model):
+    """(step, params): the model's paged step as the runner jits it, a pure function of its split state."""
+    layout, params = ModuleLayout.split(model)
+
+    def step(params, kv_cache, token_ids, metadata):
+        return layout.merge(params).step(kv_cache, token_ids, metadata)
+
+    return jax.jit(step, donate_argnums=1), params
 
 
 def prompts(golden) -> list[np.ndarray]:
@@ -167,10 +178,9 @@ def test_greedy_continuation_matches_hf(family):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bf16_logits_close_to_hf(name):
     golden = dict(np.load(FIXTURES / name / "golden.npz"))
-    model, params, config = load_model(FIXTURES / name, dtype="bfloat16")
-    assert params["embed"].dtype == jnp.bfloat16
-    runner = PagedRunner(model, jax.jit(model.__call__, donate_argnums=1), params, block_size=16, num_blocks=16,
-                         seed=5)
+    model, config = load_model(FIXTURES / name, dtype="bfloat16")
+    assert model.embed.weight.dtype == jnp.bfloat16
+    runner = PagedRunner(model, *paged_step(model), block_size=16, num_blocks=16, seed=5)
     for i, prompt in enumerate(prompts(golden)):
         (logits,) = runner.step([(i, prompt)], num_tokens=64)
         assert rel_err(logits, golden[f"logits_{i}"]) <= BF16_RTOL, (name, i)

@@ -15,6 +15,7 @@ from jaxllm import EngineConfig, LLMEngine, SamplingParams, sharding
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.registry import build_model
+from jaxllm.models.state import ModuleLayout
 
 
 def test_steps_run_the_programs_compiled_at_start_up(caplog):
@@ -69,14 +70,14 @@ def test_a_step_lowers_its_decoder_layer_once():
     traces and lowers one layer (its kernels included) rather than every layer. The last layer is a second one:
     the residual stream it returns is unused, and JAX prunes that output from its copy."""
     config = dataclasses.replace(ModelConfig.from_pretrained("tests/fixtures/llama3"), num_layers=6)
-    model = build_model(config, mesh=sharding.make_mesh(1))
-    params = jax.eval_shape(model.fuse_params, model.param_shapes(jnp.float32))
+    layout, params = ModuleLayout.split(build_model(config, mesh=sharding.make_mesh(1)))  # abstract: shapes only
     pages = jax.ShapeDtypeStruct((config.num_kv_heads, 8, 16, config.head_dim), jnp.float32)
     kv_cache = KVCache(k=(pages,) * config.num_layers, v=(pages,) * config.num_layers)
     i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
     metadata = AttentionMetadata(positions=i32((4,)), slot_mapping=i32((4,)), block_tables=i32((2, 4)),
                                  seq_lens=i32((2,)), query_start_loc=i32((3,)))
-    text = jax.jit(model).lower(params, kv_cache, i32((4,)), metadata).as_text()
+    step = jax.jit(lambda params, *args: layout.merge(params).step(*args))
+    text = step.lower(params, kv_cache, i32((4,)), metadata).as_text()
     calls = collections.Counter(re.findall(r"call @(_decoder_layer\w*)\(", text))
     assert sorted(calls.values()) == [1, config.num_layers - 1], calls
     assert len(re.findall(r"func\.func private @_decoder_layer\w*\(", text)) == 2

@@ -50,8 +50,7 @@ for tp in (1, 2, 4, 8):
     tokens = [list(o.outputs[0].token_ids) for o in llm.generate(requests, greedy, use_tqdm=False)]
     in_place = pointers() == before  # the donated, sharded cache was updated where it lives, never copied
     params = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(runner.params)[0]:
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    for name, leaf in runner.params.items():
         shards = leaf.addressable_shards
         params[name] = {"spec": [a for a in leaf.sharding.spec], "nbytes": leaf.nbytes,
                         "devices": sorted(s.device.id for s in shards),
@@ -124,17 +123,17 @@ def test_tp_greedy_equals_tp1_and_weights_and_kv_are_sharded(fixture):
 
         params = r["params"]
         expect = {  # param -> (spec, shard shape on every device)
-            "embed": (["tp"], [v // tp, d]),
+            "embed.weight": (["tp"], [v // tp, d]),
             # fused q/k/v: a device's q-heads, then its kv-heads, split while they divide; with fewer kv-heads
             # than devices, the one kv-head its q-heads use (vLLM replicates those)
-            "layers.0.qkv_proj": ([None, "tp"], [d, 1, (n * h + 2 * kv_cache_heads(k, tp) * h) // tp]),
-            "layers.0.o_proj": (["tp"], [n * h // tp, d]),
-            "layers.0.gate_up_proj": ([None, "tp"], [d, 1, 2 * f // tp]),
-            "layers.0.down_proj": (["tp"], [f // tp, d]),
-            "layers.0.input_norm": ([], [d]),
+            "layers.0.attn.qkv_proj": ([None, "tp"], [d, 1, (n * h + 2 * kv_cache_heads(k, tp) * h) // tp]),
+            "layers.0.attn.o_proj": (["tp"], [n * h // tp, d]),
+            "layers.0.mlp.gate_up_proj": ([None, "tp"], [d, 1, 2 * f // tp]),
+            "layers.0.mlp.down_proj": (["tp"], [f // tp, d]),
+            "layers.0.input_norm.weight": ([], [d]),
         }
-        if "lm_head" in params:
-            expect["lm_head"] = ([None, "tp"], [d, v // tp])
+        if "lm_head.weight" in params:
+            expect["lm_head.weight"] = ([None, "tp"], [d, v // tp])
         for name, (spec, shard_shape) in expect.items():
             p = params[name]
             assert spec_of(p) == spec, (tp, name, p)
@@ -170,7 +169,7 @@ report = {}
 for tp, vocab in ((2, 64), (4, 64), (4, 62)):  # 62 rows do not split over 4: the table stays whole
     mesh = make_mesh(tp)
     table = rng.standard_normal((vocab, 8)).astype(np.float32)
-    placed = jax.device_put(table, param_sharding("embed", table.shape, mesh))
+    placed = jax.device_put(table, param_sharding("embed.weight", table.shape, mesh))
     rows = vocab // tp
     ids = np.array([0, rows - 1, rows, vocab - 1, 5, rows + 3, 0], np.int32)  # every slice's edges, a repeat
     lookup = jax.jit(lambda t, i: embed(t, i, mesh))

@@ -1,4 +1,4 @@
-"""Weight loading: `load_model(path)` -> (model, params, model_config) from an HF directory, a GGUF file or dummies;
+"""Weight loading: `load_model(path)` -> (model, model_config) from an HF directory, a GGUF file or dummies;
 `load_tokenizer(path)` -> its Tokenizer.
 
 The logic is in model_loader.py (formats and checks), loader.py (the name-map loader), safetensors.py, gguf.py and

@@ -1,8 +1,9 @@
 """Random weights made on the devices, for benchmarks and tests: the right shapes, dtype and sharding, no file.
 
 Jitted programs with `out_shardings` generate every param where it will live, so even Llama-3.1-8B shapes never
-build a host array; each param's key is `fold_in(key(seed), leaf number)`, so values do not depend on how the params
-are sharded, nor on the order they are made in (fusion's parts last: models/fusion.py create_parts_last).
+build a host array; each param's key is `fold_in(key(seed), its number in the checkpoint layout)`, so values do not
+depend on how the params are sharded, nor on the order they are made in (fusion's parts last: models/fusion.py
+create_parts_last).
 """
 
 import jax
@@ -10,29 +11,28 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxllm.models.fusion import create_parts_last
-from jaxllm.models.weight_map import dotted
 from jaxllm.sharding import make_mesh, param_sharding
 
 # std 0.02 is the HF initializer range: with RMSNorm between layers, activations and logits stay O(1) and finite.
 _STD = 0.02
-_NORMS = ("input_norm", "post_norm", "final_norm", "q_norm", "k_norm")
 
 
-def dummy_params(model, *, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0) -> dict:
+def dummy_params(model, *, mesh: Mesh | None = None, seed: int = 0) -> dict[str, jax.Array]:
+    """`model.checkpoint_shapes()` filled with random values: {dotted path: array} in the checkpoint layout."""
     mesh = make_mesh(1) if mesh is None else mesh
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
-    paths = [dotted(keypath) for keypath, _ in leaves]
+    shapes = model.checkpoint_shapes()
+    paths = list(shapes)
     key = jax.random.key(seed)
 
     def create(j: int) -> jax.Array:
-        path, leaf = paths[j], leaves[j][1]
+        path, leaf = paths[j], shapes[paths[j]]
         # One small program per param rather than one for all: layers repeat shapes, so a model compiles one
         # program per distinct (shape, dtype, sharding) — a dozen for Llama-3.1-8B — and reuses them across calls.
         where = param_sharding(path, leaf.shape, mesh, model.config)
         make = jax.jit(_random_param, static_argnames=("shape", "dtype", "is_norm"), out_shardings=where)
-        return make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.rsplit(".", 1)[-1] in _NORMS)
+        return make(key, j, leaf.shape, jnp.dtype(leaf.dtype), path.endswith("norm.weight"))
 
-    return jax.tree_util.tree_unflatten(treedef, create_parts_last(paths, model.fused_projections, create))
+    return dict(zip(paths, create_parts_last(paths, model.fused_projections, create)))
 
 
 def _random_param(key: jax.Array, number: jax.Array, shape: tuple[int, ...], dtype, is_norm: bool) -> jax.Array:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.dtypes import canonical_dtype
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import create_parts_last
-from jaxllm.models.weight_map import WeightRule, dotted, name_regex
+from jaxllm.models.weight_map import WeightRule, name_regex
 from jaxllm.sharding import make_mesh, param_sharding
 
 # Params placed at once: each thread copies its blocks out of the checkpoint (page faults: reads from disk) while
@@ -103,22 +103,22 @@ def plan(source: TensorSource, rules: tuple[WeightRule, ...], ignored: tuple[str
     return pieces
 
 
-def load_params(source: TensorSource, model, *, dtype="auto", mesh: Mesh | None = None) -> dict:
-    """Fill `model.param_shapes(dtype)` from `source` through `model.weight_map`, each param placed on `mesh`."""
-    dtype = resolve_dtype(dtype, model.config, source) if isinstance(dtype, str) else dtype
+def load_params(source: TensorSource, model, *, mesh: Mesh | None = None) -> dict[str, jax.Array]:
+    """`model.checkpoint_shapes()` (its dtype is the model's) filled from `source` through `model.weight_map`, each
+    param placed on `mesh`: {dotted path: array} in the checkpoint layout, for `fuse_params`."""
     mesh = make_mesh(1) if mesh is None else mesh
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(model.param_shapes(dtype))
-    shapes = {dotted(path): leaf.shape for path, leaf in leaves}
-    pieces = plan(source, model.weight_map, model.ignored_weights, shapes)
+    shapes = model.checkpoint_shapes()
+    pieces = plan(source, model.weight_map, model.ignored_weights, {p: s.shape for p, s in shapes.items()})
     paths = list(shapes)
 
     def create(j: int) -> jax.Array:
         path, shape = paths[j], shapes[paths[j]]
-        return _place(source, pieces[path], shape, param_sharding(path, shape, mesh, model.config), jnp.dtype(dtype))
+        where = param_sharding(path, shape.shape, mesh, model.config)
+        return _place(source, pieces[path], shape.shape, where, jnp.dtype(shape.dtype))
 
     with concurrent.futures.ThreadPoolExecutor(_LOAD_THREADS) as pool:
         params = create_parts_last(paths, model.fused_projections, create, map_fn=pool.map)
-    return jax.tree_util.tree_unflatten(treedef, params)
+    return dict(zip(paths, params))
 
 
 def _place(source: TensorSource, piece: _Piece, shape: tuple[int, ...], sharding: NamedSharding, dtype) -> jax.Array:

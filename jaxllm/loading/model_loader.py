@@ -13,7 +13,9 @@ from jaxllm.loading.dummy import dummy_params
 from jaxllm.loading.loader import TensorSource, load_params, resolve_dtype
 from jaxllm.loading.safetensors import SafetensorsSource
 from jaxllm.model_config import ModelConfig
+from jaxllm.models.fusion import fuse_params
 from jaxllm.models.registry import build_model
+from jaxllm.models.state import fill
 from jaxllm.sharding import make_mesh
 from jaxllm.text.tokenizer import Tokenizer
 
@@ -23,7 +25,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
                mesh=None, trust_remote_code: bool = False, allow_pickle: bool = False,
                kernel_backend: str = "auto", seed: int = 0):
-    """-> (model, params, model_config), the params fused as the model runs them (`model.fuse_params`).
+    """-> (model, model_config): the model an nnx.Module whose state holds the loaded params, fused as it runs them
+    (models/fusion.py), each placed with its sharding on `mesh`.
 
     `model`: an HF directory (config.json + safetensors), a `.gguf` file, a GGUF checkpoint already read with
     `read_gguf` (a caller that also needs its tokenizer reads the file once), or (dummy only) a ModelConfig.
@@ -66,11 +69,11 @@ def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
 
 def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "auto", mesh=None,
                     kernel_backend: str = "auto"):
-    """Any tensor source with HF names + its config -> (model, params, model_config). GGUF callers that also need
-    the file's tokenizer read the file once and come here."""
+    """Any tensor source with HF names + its config -> (model, model_config). GGUF callers that also need the
+    file's tokenizer read the file once and come here."""
     mesh = make_mesh(1) if mesh is None else mesh
-    model = build_model(config, mesh=mesh, kernel_backend=kernel_backend)
-    return model, model.fuse_params(load_params(source, model, dtype=dtype, mesh=mesh)), config
+    model = build_model(config, dtype=resolve_dtype(dtype, config, source), mesh=mesh, kernel_backend=kernel_backend)
+    return _filled(model, load_params(source, model, mesh=mesh), mesh), config
 
 
 def load_tokenizer(model, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
@@ -104,6 +107,10 @@ def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_c
 
 
 def _dummy(config: ModelConfig, dtype: str, mesh, kernel_backend: str, seed: int):
-    model = build_model(config, mesh=mesh, kernel_backend=kernel_backend)
-    params = dummy_params(model, dtype=resolve_dtype(dtype, config), mesh=mesh, seed=seed)
-    return model, model.fuse_params(params), config
+    model = build_model(config, dtype=resolve_dtype(dtype, config), mesh=mesh, kernel_backend=kernel_backend)
+    return _filled(model, dummy_params(model, mesh=mesh, seed=seed), mesh), config
+
+
+def _filled(model, params: dict, mesh):
+    """The abstract `model` with its state set from checkpoint-layout `params` (consumed), fused."""
+    return fill(model, fuse_params(params, model.fused_projections, model.config, mesh))

@@ -1,8 +1,9 @@
 """Fused projections: params that share an input become one matrix, so a layer runs one matmul instead of several.
 
-The loader fills the checkpoint layout (`param_shapes`: q_proj, k_proj, v_proj, gate_proj, up_proj, ...); before
-the first step, `fuse_params` rewrites each layer into the layout the forward runs on, following the model's table
-of `FusedProjection`s (vLLM's `packed_modules_mapping` idea, done once after loading rather than per checkpoint).
+The loader fills the checkpoint layout (models/llama_weights.py `checkpoint_shapes`: attn.q_proj, attn.k_proj,
+attn.v_proj, mlp.gate_proj, mlp.up_proj, ...); `fuse_params` then rewrites each layer into the layout the modules
+hold and run on, following the model's table of `FusedProjection`s (vLLM's `packed_modules_mapping` idea, done once
+after loading rather than per checkpoint); `fused_shape` gives the same shapes to the abstract model.
 
 Why: at batch 1 a decode step is a chain of matrix-vector products; the small k/v ones ran far from the bandwidth
 that one wider product reaches, and fusing also drops three launches per layer (docs/perf-notes.md#fused-projections).
@@ -28,8 +29,15 @@ from jaxllm.model_config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class FusedProjection:
-    name: str  # the fused param: [I, S, W] for weights, [S, W] for biases
+    name: str  # the fused param, relative to its layer ("attn.qkv_proj"): [I, S, W] for weights, [S, W] for biases
     parts: tuple[str, ...]  # checkpoint-layout params [I, O_i] / [O_i], concatenated per shard in this order
+
+
+def layer_relative(path: str) -> str:
+    """"layers.3.attn.q_proj" -> "attn.q_proj"; a path outside the layers is returned as it is."""
+    head, _, rest = path.partition(".")
+    index, _, relative = rest.partition(".")
+    return relative if head == "layers" and index.isdigit() else path
 
 
 def create_parts_last[T](paths: Sequence[str], fusions: tuple[FusedProjection, ...], create: Callable[[int], T], *,
@@ -42,7 +50,7 @@ def create_parts_last[T](paths: Sequence[str], fusions: tuple[FusedProjection, .
     params fill, rather than holes between the weights too small for the KV cache
     (docs/perf-notes.md#kv-cache-sizing-the-largest-free-block-and-resident-bytes)."""
     part_names = {part for fusion in fusions for part in fusion.parts}
-    is_part = [path.rsplit(".", 1)[-1] in part_names for path in paths]
+    is_part = [layer_relative(path) in part_names for path in paths]
     others = [i for i, p in enumerate(is_part) if not p]
     parts = [i for i, p in enumerate(is_part) if p]
     made: list = [None] * len(paths)
@@ -52,36 +60,52 @@ def create_parts_last[T](paths: Sequence[str], fusions: tuple[FusedProjection, .
     return made
 
 
-def fuse_params(params: dict, fusions: tuple[FusedProjection, ...], config: ModelConfig, mesh: Mesh) -> dict:
-    """Checkpoint layout -> run layout, layer by layer. Consumes `params`: each layer's separate projections are
-    released as soon as its fused ones exist, so loading peaks at one layer above the model's size."""
-    layers = params["layers"]
-    fused = []
-    for i in range(len(layers)):
-        layer, layers[i] = layers[i], None
-        fused.append(_fuse_layer(layer, fusions, config, mesh))
-    return {**params, "layers": fused}
+def fused_shape(part_widths: Sequence[int], part_names: Sequence[str], lead: tuple[int, ...], *, tp: int,
+                kv_repeats: int) -> tuple[int, ...]:
+    """The fused param's shape [*lead, S, W] for parts [*lead, O_i]: what `fuse_params` makes, known without data
+    (the model's abstract state). kv-head parts count `kv_repeats` times."""
+    widths = [w * (kv_repeats if _leaf(name) in sharding.KV_HEAD_PARAMS else 1)
+              for name, w in zip(part_names, part_widths)]
+    shards = tp if all(width % tp == 0 for width in widths) else 1
+    return (*lead, shards, sum(widths) // shards)
 
 
-def _fuse_layer(layer: dict, fusions: tuple[FusedProjection, ...], config: ModelConfig, mesh: Mesh) -> dict:
-    out = dict(layer)
+def kv_repeats(config: ModelConfig, tp: int) -> int:
+    """How many KV cache head slots each kv-head fills (more than 1 only when kv-heads are fewer than devices)."""
+    return sharding.kv_cache_heads(config.num_kv_heads, tp) // config.num_kv_heads
+
+
+def fuse_params(params: dict[str, jax.Array], fusions: tuple[FusedProjection, ...], config: ModelConfig,
+                mesh: Mesh) -> dict[str, jax.Array]:
+    """Checkpoint layout -> run layout, layer by layer, over {dotted path: array}. Consumes `params`: each layer's
+    separate projections are released as soon as its fused ones exist, so loading peaks at one layer above the
+    model's size."""
+    for i in range(config.num_layers):
+        _fuse_layer(params, f"layers.{i}.", fusions, config, mesh)
+    return params
+
+
+def _fuse_layer(params: dict, prefix: str, fusions: tuple[FusedProjection, ...], config: ModelConfig,
+                mesh: Mesh) -> None:
     tp = sharding.tp_size(mesh)
-    # Each kv-head fills this many KV cache head slots (more than 1 only when kv-heads are fewer than devices).
-    kv_repeats = sharding.kv_cache_heads(config.num_kv_heads, tp) // config.num_kv_heads
+    repeats = kv_repeats(config, tp)
     for fusion in fusions:
-        if not any(part in layer for part in fusion.parts):
+        present = [prefix + part in params for part in fusion.parts]
+        if not any(present):
             continue  # e.g. the biases of a model without bias
-        assert all(part in layer for part in fusion.parts), (fusion, sorted(layer))
-        parts = tuple(out.pop(part) for part in fusion.parts)
-        widths = [w.shape[-1] * (kv_repeats if name in sharding.KV_HEAD_PARAMS else 1)
-                  for name, w in zip(fusion.parts, parts)]
-        shards = tp if all(width % tp == 0 for width in widths) else 1
-        shape = (*parts[0].shape[:-1], shards, sum(widths) // shards)
+        assert all(present), (fusion, prefix)
+        parts = tuple(params.pop(prefix + part) for part in fusion.parts)
+        shape = fused_shape([w.shape[-1] for w in parts], fusion.parts, parts[0].shape[:-1], tp=tp,
+                            kv_repeats=repeats)
         # One small program per distinct shape, compiled once and reused by every layer (as dummy.py does).
         concat = jax.jit(_concatenate_shards, static_argnames=("names", "shards", "kv_repeats", "head_dim"),
-                         out_shardings=sharding.param_sharding(fusion.name, shape, mesh))
-        out[fusion.name] = concat(parts, fusion.parts, shards, kv_repeats, config.head_dim)
-    return out
+                         out_shardings=sharding.param_sharding(prefix + fusion.name, shape, mesh))
+        params[prefix + fusion.name] = concat(parts, tuple(map(_leaf, fusion.parts)), shape[-2], repeats,
+                                              config.head_dim)
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
 
 
 def _concatenate_shards(parts: tuple[jax.Array, ...], names: tuple[str, ...], shards: int, kv_repeats: int,

@@ -1,4 +1,4 @@
-"""Stateless layer functions shared by the decoder models.
+"""Stateless layer functions shared by the decoder modules (models/modules.py, attention.py, decoder_layer.py).
 
 Legend: T tokens, D hidden size, F MLP intermediate size, N q-heads, K kv-heads, H head_dim (R = H // 2 rotary
 frequencies), V vocabulary.
@@ -18,7 +18,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding
 from jaxllm.model_config import ModelConfig
-from jaxllm.models.fusion import split_fused
 from pallas_kernels import add_rms_norm_kernel as fused_norm
 from pallas_kernels.backend import TRITON, resolve_backend
 
@@ -80,7 +79,7 @@ def embed(table: jax.Array, token_ids: jax.Array, mesh: Mesh | None = None) -> j
     partitioner, XLA:GPU all-gathered the whole table every step of few tokens
     (docs/perf-notes.md#vocab-parallel-embedding).
     """
-    if sharding.tp_size(mesh) == 1 or sharding.TP not in sharding.param_spec("embed", table.shape, mesh):
+    if sharding.tp_size(mesh) == 1 or sharding.TP not in sharding.param_spec("embed.weight", table.shape, mesh):
         return jnp.take(table, token_ids, axis=0)
 
     def lookup(rows, ids):  # rows [V / tp, D]: this device's slice
@@ -102,10 +101,3 @@ def fused_linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None)
     """x [T, I] @ weight [I, S, W] (+ bias [S, W]) -> [T, S, W]: one matmul over every shard's columns."""
     y = jnp.einsum("TI,ISW->TSW", x, weight)
     return y if bias is None else y + bias
-
-
-def mlp(p: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU: down(silu(gate(x)) * up(x)); x [T, D] -> [T, D], gate and up as one fused product."""
-    gate_up = fused_linear(x, p["gate_up_proj"], p.get("gate_up_bias"))  # [T, S, 2F / S]
-    gate, up = split_fused(gate_up, (gate_up.shape[-1] // 2,) * 2)  # [T, F] each
-    return linear(jax.nn.silu(gate) * up, p["down_proj"], p.get("down_bias"))

@@ -1,5 +1,8 @@
 """HF `architectures` name -> model class. Adding a family is one row here plus its module."""
 
+import jax.numpy as jnp
+from flax import nnx
+
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 
@@ -17,6 +20,8 @@ def get_model_class(architecture: str) -> type:
     return MODELS[architecture]
 
 
-def build_model(config: ModelConfig, *, mesh=None, kernel_backend: str = "auto"):
-    """The model object for a config: `kv_cache, logits = model(params, kv_cache, token_ids, metadata)`."""
-    return get_model_class(config.architecture)(config=config, mesh=mesh, kernel_backend=kernel_backend)
+def build_model(config: ModelConfig, *, dtype=jnp.float32, mesh=None, kernel_backend: str = "auto"):
+    """The abstract model of a config (`nnx.eval_shape`: its params are shapes, no memory), for a loader to fill
+    (models/state.py fill)."""
+    cls = get_model_class(config.architecture)
+    return nnx.eval_shape(lambda: cls(config, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend))

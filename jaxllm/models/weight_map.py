@@ -1,14 +1,15 @@
 """The format of a model's weight name map: rows of data that say which checkpoint tensor fills which param.
 
-A rule `WeightRule(hf="model.layers.{i}.mlp.gate_up_proj.weight", params=("layers.{i}.gate_proj",
-"layers.{i}.up_proj"), transpose=True)` reads: the checkpoint tensor named by the pattern (`{i}` is the layer index)
-is the concatenation, along its axis 0, of the listed params (each transposed first when `transpose`). Split
+A rule `WeightRule(hf="model.layers.{i}.mlp.gate_up_proj.weight", params=("layers.{i}.mlp.gate_proj",
+"layers.{i}.mlp.up_proj"), transpose=True)` reads: the checkpoint tensor named by the pattern (`{i}` is the layer
+index) is the concatenation, along its axis 0, of the listed params (each transposed first when `transpose`). Split
 checkpoints have one rule per projection, fused ones one rule per fused tensor; a model lists both and a checkpoint
 matches whichever it has. Split sizes come from the params' shapes, so the table needs no numbers.
 
-Param paths are dotted: "embed", "layers.3.q_proj". A rule whose params the model does not have (biases of a model
-without bias, lm_head of a tied model) makes its tensor "unexpected", unless `skip_if_absent` (HF writes a copy of
-the tied embedding as `lm_head.weight` in some checkpoints).
+Param paths are dotted state paths of the checkpoint layout (models/llama_weights.py): "embed.weight",
+"layers.3.attn.q_proj". A rule whose params the model does not have (biases of a model without bias, lm_head of a
+tied model) makes its tensor "unexpected", unless `skip_if_absent` (HF writes a copy of the tied embedding as
+`lm_head.weight` in some checkpoints).
 """
 
 import dataclasses
@@ -40,8 +41,3 @@ def name_regex(pattern: str) -> re.Pattern:
     """A name pattern ("model.layers.{i}.mlp.up_proj.weight", or a param path) -> its full-match regex."""
     return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"\Z")
 
-
-def dotted(keypath) -> str:
-    """A jax tree keypath -> the dotted param path the rules use: (DictKey('layers'), SequenceKey(3), ...) ->
-    "layers.3.q_proj"."""
-    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in keypath)

@@ -31,6 +31,7 @@ from jaxllm import compile_cache, distributed, sharding
 from jaxllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from jaxllm.kv_cache import KVCache
 from jaxllm.loading import load_model
+from jaxllm.models.state import ModuleLayout
 from jaxllm.runtime import block_ops, inputs, kv_sizing, transfer
 from jaxllm.runtime.buckets import BatchLayout, BucketPlan
 from jaxllm.runtime.compiler_options import step_compiler_options
@@ -70,11 +71,14 @@ class ModelRunner:
                              f"of all {jax.process_count()} nodes ({jax.device_count()}) in a multi-node run")
         self._resident = kv_sizing.ResidentMark.take(self._local_device)
         progress("loading weights", 0, 1)
-        self.model, self.params, self.model_config = load_model(
+        self.model, self.model_config = load_model(
             model, dtype=config.dtype, load_format=config.load_format,
             mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
             kernel_backend=config.kernel_backend)
         progress("loading weights", 1, 1)
+        # Split once: the step is a pure function of the state ({path: array}, the module's own arrays) and rebuilds
+        # the module inside its trace; `self.model` stays the live module (`LLM.model`).
+        self._layout, self.params = ModuleLayout.split(self.model)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
         # Outputs pinned to the shardings their buffers start with, or a bucket's second step misses jit's cache
@@ -140,7 +144,8 @@ class ModelRunner:
         None (steps with prompt logprobs: a row per token), the logits alone."""
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
         token_ids = inputs.resolve_fed_tokens(token_ids, last_tokens)  # run-ahead placeholders
-        kv_cache, logits = self.model(params, kv_cache, token_ids, metadata, logits_indices=logits_indices)
+        model = self._layout.merge(params)
+        kv_cache, logits = model.step(kv_cache, token_ids, metadata, logits_indices=logits_indices)
         # The lm_head is vocab-parallel: each device computes its slice of the vocabulary, then the logits (not the
         # lm_head, which XLA would otherwise gather on small batches) are gathered so the sampler sees them whole.
         logits = jax.lax.with_sharding_constraint(logits, self._vocab_split)
@@ -309,7 +314,7 @@ class ModelRunner:
         buffers = (self.params, self.kv_cache, list(self._staged.values()), self._logits, self._last_tokens)
         for leaf in jax.tree_util.tree_leaves(buffers):
             leaf.delete()
-        self.params = self.kv_cache = self._logits = self._last_tokens = None
+        self.model = self.params = self.kv_cache = self._logits = self._last_tokens = None
         self._staged = {}
         self._step = self._sample = None
 

@@ -1,0 +1,96 @@
+"""The Llama family's weights as data: the HF name map, the fused projections, and the checkpoint layout the
+loaders fill (`checkpoint_shapes`).
+
+Paths are the model's dotted state paths (models/llama.py), "{i}" a layer index. The checkpoint layout differs from
+the state only inside a layer: q/k/v and gate/up are separate params there, fused into the state's qkv_proj and
+gate_up_proj after loading (models/fusion.py), so they exist only while loading.
+
+Checkpoint layout (dtype = the params dtype; "?" = present only when the config says so):
+    embed.weight [V, D]         final_norm.weight [D]        lm_head.weight? [D, V]  (absent when tied)
+    layers.{i}.: input_norm.weight [D]  post_norm.weight [D]
+        attn.q_proj [D, N*H]  attn.k_proj [D, K*H]  attn.v_proj [D, K*H]  attn.o_proj [N*H, D]
+        attn.q_bias?/k_bias?/v_bias? [N*H]/[K*H]/[K*H]  attn.o_bias? [D]  attn.q_norm.weight?/k_norm.weight? [H]
+        mlp.gate_proj [D, F]  mlp.up_proj [D, F]  mlp.down_proj [F, D]  mlp.gate_bias?/up_bias? [F]  mlp.down_bias? [D]
+Projections are [in, out] (HF Linear is [out, in]: the weight map transposes), and q/k/v keep heads flattened so a
+column split over "tp" is a split over heads.
+"""
+
+import jax
+
+from jaxllm.model_config import ModelConfig
+from jaxllm.models.fusion import FusedProjection
+from jaxllm.models.weight_map import WeightRule
+
+_HF = "model.layers.{i}."
+_L = "layers.{i}."
+_ATTN, _MLP = _L + "attn.", _L + "mlp."
+
+WEIGHT_MAP: tuple[WeightRule, ...] = (
+    WeightRule("model.embed_tokens.weight", ("embed.weight",)),
+    WeightRule("model.norm.weight", ("final_norm.weight",)),
+    WeightRule("lm_head.weight", ("lm_head.weight",), transpose=True, skip_if_absent=True),
+    WeightRule(_HF + "input_layernorm.weight", (_L + "input_norm.weight",)),
+    WeightRule(_HF + "post_attention_layernorm.weight", (_L + "post_norm.weight",)),
+    WeightRule(_HF + "self_attn.q_proj.weight", (_ATTN + "q_proj",), transpose=True),
+    WeightRule(_HF + "self_attn.k_proj.weight", (_ATTN + "k_proj",), transpose=True),
+    WeightRule(_HF + "self_attn.v_proj.weight", (_ATTN + "v_proj",), transpose=True),
+    WeightRule(_HF + "self_attn.qkv_proj.weight", (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj"),
+               transpose=True),
+    WeightRule(_HF + "self_attn.q_proj.bias", (_ATTN + "q_bias",)),
+    WeightRule(_HF + "self_attn.k_proj.bias", (_ATTN + "k_bias",)),
+    WeightRule(_HF + "self_attn.v_proj.bias", (_ATTN + "v_bias",)),
+    WeightRule(_HF + "self_attn.qkv_proj.bias", (_ATTN + "q_bias", _ATTN + "k_bias", _ATTN + "v_bias")),
+    WeightRule(_HF + "self_attn.o_proj.weight", (_ATTN + "o_proj",), transpose=True),
+    WeightRule(_HF + "self_attn.o_proj.bias", (_ATTN + "o_bias",)),
+    WeightRule(_HF + "self_attn.q_norm.weight", (_ATTN + "q_norm.weight",)),
+    WeightRule(_HF + "self_attn.k_norm.weight", (_ATTN + "k_norm.weight",)),
+    WeightRule(_HF + "mlp.gate_proj.weight", (_MLP + "gate_proj",), transpose=True),
+    WeightRule(_HF + "mlp.up_proj.weight", (_MLP + "up_proj",), transpose=True),
+    WeightRule(_HF + "mlp.gate_up_proj.weight", (_MLP + "gate_proj", _MLP + "up_proj"), transpose=True),
+    WeightRule(_HF + "mlp.down_proj.weight", (_MLP + "down_proj",), transpose=True),
+    WeightRule(_HF + "mlp.gate_proj.bias", (_MLP + "gate_bias",)),
+    WeightRule(_HF + "mlp.up_proj.bias", (_MLP + "up_bias",)),
+    WeightRule(_HF + "mlp.gate_up_proj.bias", (_MLP + "gate_bias", _MLP + "up_bias")),
+    WeightRule(_HF + "mlp.down_proj.bias", (_MLP + "down_bias",)),
+)
+
+# Relative to a layer ("layers.{i}." dropped).
+FUSED_PROJECTIONS: tuple[FusedProjection, ...] = (
+    FusedProjection("attn.qkv_proj", ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
+    FusedProjection("attn.qkv_bias", ("attn.q_bias", "attn.k_bias", "attn.v_bias")),
+    FusedProjection("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    FusedProjection("mlp.gate_up_bias", ("mlp.gate_bias", "mlp.up_bias")),
+)
+
+# Buffers some checkpoints carry that are derived, not learned: we recompute the rotary frequencies.
+IGNORED: tuple[str, ...] = (_HF + "self_attn.rotary_emb.inv_freq",)
+
+
+def checkpoint_shapes(c: ModelConfig, dtype) -> dict[str, jax.ShapeDtypeStruct]:
+    """{dotted path: shape} of the checkpoint layout, in state order (embed, layers, final_norm, lm_head)."""
+    d, f, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
+
+    def s(*shape):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    def layer():
+        p = {"input_norm.weight": s(d), "post_norm.weight": s(d), "attn.q_proj": s(d, q), "attn.k_proj": s(d, kv),
+             "attn.v_proj": s(d, kv), "attn.o_proj": s(q, d), "mlp.gate_proj": s(d, f), "mlp.up_proj": s(d, f),
+             "mlp.down_proj": s(f, d)}
+        if c.attention_bias:
+            p |= {"attn.q_bias": s(q), "attn.k_bias": s(kv), "attn.v_bias": s(kv)}
+        if c.o_proj_bias:
+            p["attn.o_bias"] = s(d)
+        if c.qk_norm:
+            p |= {"attn.q_norm.weight": s(c.head_dim), "attn.k_norm.weight": s(c.head_dim)}
+        if c.mlp_bias:
+            p |= {"mlp.gate_bias": s(f), "mlp.up_bias": s(f), "mlp.down_bias": s(d)}
+        return p
+
+    shapes = {"embed.weight": s(c.vocab_size, d)}
+    for i in range(c.num_layers):
+        shapes |= {f"layers.{i}.{name}": shape for name, shape in layer().items()}
+    shapes["final_norm.weight"] = s(d)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = s(d, c.vocab_size)
+    return shapes
