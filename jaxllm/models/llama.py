@@ -50,7 +50,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None = None,
                  kernel_backend: str = "auto"):
         """`mesh`: where the params live (attention runs under shard_map over its "tp" axis); `kernel_backend`:
-        pallas_kernels' backend for `step` ("auto" from the device, "reference", "triton")."""
+        pallas_kernels' backend for `step` ("auto" from the device, "reference", "xla", "triton")."""
         c = config
         self.config, self.dtype, self.mesh, self.kernel_backend = c, dtype, mesh, kernel_backend
         self.embed = Embed(c.vocab_size, c.hidden_size, dtype, mesh)
