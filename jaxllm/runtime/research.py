@@ -30,10 +30,11 @@ class HiddenPlan:
         return [None if span is None else gathered[list(span[2]), span[0]:span[0] + span[1]] for span in self.spans]
 
 
-def build(params: Sequence[SamplingParams], num_tokens: Sequence[int], layout: BatchLayout,
-          hidden_size: int) -> tuple[ResearchInputs, HiddenPlan] | None:
-    """`params`, `num_tokens`: each scheduled sequence's request params and its tokens this step. None when no
-    sequence asks for anything (the common case: one attribute read per sequence)."""
+def build(params: Sequence[SamplingParams], steering: Sequence[dict | None], num_tokens: Sequence[int],
+          layout: BatchLayout, hidden_size: int) -> tuple[ResearchInputs, HiddenPlan] | None:
+    """`params`, `steering`, `num_tokens`: each scheduled sequence's request params, its steering vectors as
+    arrays ({layer: f32[D]} or None) and its tokens this step. None when no sequence asks for anything (the common
+    case: one attribute read per sequence)."""
     if not any(p.return_hidden_states or p.steering for p in params):
         return None
     starts = np.concatenate([[0], np.cumsum(num_tokens)]).astype(np.int64)
@@ -52,10 +53,10 @@ def build(params: Sequence[SamplingParams], num_tokens: Sequence[int], layout: B
     distinct: dict[tuple, int] = {}
     steerings = {}
     steer_index = np.zeros(layout.num_tokens, np.int32)
-    for p, start, n in zip(params, starts, num_tokens):
+    for p, arrays, start, n in zip(params, steering, starts, num_tokens):
         if p.steering:
             key = tuple((layer, id(vector)) for layer, vector in p.steering.items())
-            steerings[key] = p.steering
+            steerings[key] = arrays
             steer_index[start:start + n] = distinct.setdefault(key, len(distinct) + 1)
     tables = []
     for layer in steer_layers:
