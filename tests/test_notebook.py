@@ -5,6 +5,7 @@ llm.model; its last cell displays what it found as JSON, which the test checks."
 
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -14,18 +15,21 @@ from nbclient import NotebookClient
 
 pytestmark = pytest.mark.server
 
-NOTEBOOKS = pathlib.Path(__file__).parents[1] / "notebooks"
+ROOT = pathlib.Path(__file__).parents[1]
+NOTEBOOKS = ROOT / "notebooks"
 
 
 @pytest.fixture
 def python3_kernel_of_this_interpreter(tmp_path, monkeypatch):
-    """A "python3" kernelspec that runs this interpreter (the venv's), found before any other on JUPYTER_PATH."""
+    """A "python3" kernelspec that runs this interpreter (the venv's), found before any other on JUPYTER_PATH, and
+    imports this checkout's jaxllm (not whichever one the venv has installed)."""
     spec = tmp_path / "kernels" / "python3"
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return "python3"
 
 
