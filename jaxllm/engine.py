@@ -70,7 +70,8 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._limits = dict(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
                             max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
-                            num_kv_blocks=self.block_manager.num_usable_blocks, block_size=config.block_size)
+                            num_kv_blocks=self.block_manager.num_usable_blocks, block_size=config.block_size,
+                            num_layers=self.model_config.num_layers, hidden_size=self.model_config.hidden_size)
         self._request_counter = itertools.count()
         self._in_flight: _InFlight | None = None  # the step dispatched ahead, if any
         self._heap = HeapFreeze(config.freeze_gc, self.runner.num_layouts_run)
@@ -81,6 +82,8 @@ class LLMEngine:
         problem."""
         text, ids = parse_prompt(prompt, self.tokenizer)
         ids, params = validate_request(ids, SamplingParams() if params is None else params, **self._limits)
+        if self.runner.channel is not None and (params.return_hidden_states or params.steering):
+            raise ValueError("return_hidden_states and steering are not supported in a multi-node run.")
         return ProcessedRequest(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time,
                                 cache_salt)
 
@@ -137,9 +140,11 @@ class LLMEngine:
             if ran_ahead:
                 self.scheduler.run_ahead(current.batch)
                 self._in_flight = self._dispatch(self.scheduler.schedule(), previous=current.batch)
-            sampled, prompt_logprobs = self.runner.fetch(current.pending)
+            sampled, prompt_logprobs, hidden = self.runner.fetch(current.pending)
             if prompt_logprobs is not None:
                 self.outputs.record_prompt_logprobs(current.batch, prompt_logprobs)
+            if hidden is not None:
+                self.outputs.record_hidden_states(current.batch, hidden)
             tokens = [int(t) for t in sampled.token_ids[:current.batch.num_seqs]]
             updated = self.scheduler.update(current.batch, tokens, ran_ahead=ran_ahead)
             outputs = self._process_outputs(current.batch, sampled.logprobs, set(map(id, updated)))

@@ -32,6 +32,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # SamplingParams.return_hidden_states: numpy float32 [layers, T, D], T = the prompt and every generated token
+    # but the last (what the model processed); typed loosely, as this module imports no numpy.
+    hidden_states: object = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -69,6 +69,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Research (issue 20): the residual stream per layer (True: every layer, or a list of indices 0..L) in
+    # CompletionOutput.hidden_states, and vectors added to the stream after decoder layers (layer -> [D] values).
+    return_hidden_states: bool | list[int] = False
+    steering: dict[int, list[float]] | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -102,6 +106,9 @@ class SamplingParams:
                 setattr(self, name, 1 if value else None)
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias)
+        self.return_hidden_states = _hidden_layers(self.return_hidden_states)
+        if self.steering is not None:
+            self.steering = _steering(self.steering)
         try:
             self.output_kind = RequestOutputKind(self.output_kind)
         except ValueError:
@@ -217,4 +224,37 @@ def _logit_bias(bias) -> dict[int, float]:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"logit_bias values must be finite numbers, got {value!r} for token {key}.")
         out[int(key)] = float(value)
+    return out
+
+
+def _hidden_layers(value) -> bool | list[int]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"return_hidden_states must be a boolean or a list of layer indices, got {value!r}.")
+    layers = list(value)
+    if not layers or not all(_is_int(v) for v in layers):
+        raise ValueError(f"return_hidden_states must be a non-empty list of integer layer indices, got {layers!r}.")
+    return [int(v) for v in layers]
+
+
+def _steering(value) -> dict[int, tuple[float, ...]]:
+    """layer -> vector as plain floats (JSON keys are strings: "2" is accepted as the server's)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"steering must be a mapping of layer to vector, got {type(value).__name__}.")
+    out = {}
+    for key, vector in value.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if not _is_int(key):
+            raise ValueError(f"steering keys must be integer layer indices, got {key!r}.")
+        if isinstance(vector, (str, bytes)) or not hasattr(vector, "__iter__"):
+            raise ValueError(f"steering[{key}] must be a list of numbers, got {type(vector).__name__}.")
+        try:
+            floats = tuple(float(v) for v in vector)
+        except (TypeError, ValueError):
+            raise ValueError(f"steering[{key}] must contain only numbers.") from None
+        if not all(map(math.isfinite, floats)):
+            raise ValueError(f"steering[{key}] must contain only finite numbers (no NaN or inf).")
+        out[int(key)] = floats
     return out

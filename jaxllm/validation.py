@@ -61,7 +61,8 @@ def _check_ids_in_vocab(name: str, ids, vocab_size: int) -> None:
 def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len: int, vocab_size: int,
                      max_logprobs: int = 20, max_n: int = 16, max_stop_strings: int = 16,
                      max_stop_string_len: int = 256, max_num_seqs: int | None = None,
-                     num_kv_blocks: int | None = None, block_size: int = 16) -> tuple[list[int], SamplingParams]:
+                     num_kv_blocks: int | None = None, block_size: int = 16, num_layers: int | None = None,
+                     hidden_size: int | None = None) -> tuple[list[int], SamplingParams]:
     """Check one request; return its prompt as a list of plain ints (the one conversion of the ids a request gets)
     and a copy of `params` with max_tokens resolved (None -> max_model_len - prompt). With max_num_seqs and
     num_kv_blocks (the usable device blocks of `block_size` tokens) it must also fit the engine alone
@@ -83,6 +84,8 @@ def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len:
     for s in params.stop:
         if len(s) > max_stop_string_len:
             raise ValueError(f"each stop string must be at most {max_stop_string_len} characters, got {len(s)}.")
+    if num_layers is not None:
+        _check_research(params, num_layers, hidden_size)
     ids = validate_prompt_token_ids(prompt_token_ids, vocab_size=vocab_size)
     _check_ids_in_vocab("stop_token_ids", params.stop_token_ids, vocab_size)
     if params.logit_bias:
@@ -111,6 +114,21 @@ def validate_request(prompt_token_ids, params: SamplingParams, *, max_model_len:
             f"The request needs up to {need} KV blocks (prompt {num_prompt} + max_tokens {max_tokens} tokens, "
             f"n={params.n}, block_size {block_size}) but the KV cache has only {num_kv_blocks} blocks. Lower "
             f"max_tokens or n, or give the KV cache more memory (gpu_memory_utilization).")
-    if max_tokens == params.max_tokens:
-        return ids, params.clone()
-    return ids, dataclasses.replace(params, max_tokens=max_tokens)
+    params = params.clone() if max_tokens == params.max_tokens else dataclasses.replace(params, max_tokens=max_tokens)
+    if params.return_hidden_states is True and num_layers is not None:
+        params.return_hidden_states = list(range(num_layers + 1))  # the engine's copy: every layer, HF's order
+    return ids, params
+
+
+def _check_research(params: SamplingParams, num_layers: int, hidden_size: int | None) -> None:
+    """Hidden-state layers are 0..L (0: the embeddings, L: after the final norm); steering layers 1..L."""
+    if not isinstance(params.return_hidden_states, bool):
+        for layer in params.return_hidden_states:
+            if not 0 <= layer <= num_layers:
+                raise ValueError(f"return_hidden_states layer indices must be in [0, {num_layers}], got {layer}.")
+    for layer, vector in (params.steering or {}).items():
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"steering layers must be in [1, {num_layers}], got {layer}.")
+        if hidden_size is not None and len(vector) != hidden_size:
+            raise ValueError(f"steering[{layer}] must have {hidden_size} values (the hidden size), got "
+                             f"{len(vector)}.")

@@ -61,7 +61,7 @@ def from_engine_value_error(exc: ValueError) -> APIError:
     if isinstance(exc, ContextLengthExceededError):
         return APIError(400, message, param="max_tokens" if "max_tokens" in message else "prompt",
                         code="context_length_exceeded")
-    first_word = message.split(" ", 1)[0]
+    first_word = message.split(" ", 1)[0].split("[", 1)[0]  # "steering[3] must ..." names steering
     return APIError(400, message, param=first_word if first_word in _engine_fields() else None)
 
 

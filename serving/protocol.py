@@ -67,6 +67,8 @@ class _SamplingRequest(_Request):
     allowed_token_ids: list[StrictInt] | None = None
     prompt_logprobs: StrictInt | None = None
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM's prefix-cache isolation
+    # layer -> vector added to the residual stream after that decoder layer; the engine checks range and length.
+    steering: dict[str, list[float]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -98,7 +100,8 @@ class _SamplingRequest(_Request):
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                         repetition_penalty=self.repetition_penalty, seed=self.seed, stop_token_ids=self.stop_token_ids,
-                        allowed_token_ids=self.allowed_token_ids, prompt_logprobs=self.prompt_logprobs)
+                        allowed_token_ids=self.allowed_token_ids, prompt_logprobs=self.prompt_logprobs,
+                        steering=self.steering)
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return kwargs
 

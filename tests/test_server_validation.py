@@ -114,6 +114,35 @@ def test_validation_messages_name_the_field(http):
     assert error["param"] == "max_tokens"
 
 
+@pytest.mark.parametrize("steering, message", [
+    ({"1": [0.5] * 3}, "steering[1] must have 64 values"),
+    ({"3": [0.5] * 64}, "steering layers must be in [1, 2]"),
+    ({"x": [0.5] * 64}, "steering keys must be integer"),
+    ({"1": "abc"}, None),  # not a list: pydantic refuses it
+])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_bad_steering_is_refused_naming_the_field(http, route, steering, message):
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    error = assert_error(http.post(route, json={"model": "tiny", **body, "steering": steering}), 400)
+    assert error["param"] == "steering" or "steering" in error["message"]
+    if message is not None:
+        assert message in error["message"] and error["param"] == "steering"
+    assert_still_serving(http)
+
+
+def test_nan_in_a_steering_vector_is_refused(http):
+    raw = '{"model": "tiny", "prompt": "hi", "steering": {"1": [NaN' + ", 0.5" * 63 + "]}}"
+    assert_error(http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert_still_serving(http)
+
+
+def test_steering_over_http_changes_the_completion(http):
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    steered = http.post("/v1/completions", json={**body, "steering": {2: [300.0] * 64}}).json()
+    assert "choices" in steered and steered["choices"][0]["text"] != plain
+
+
 def test_n_huge_is_refused_fast(http):
     started = time.monotonic()
     assert_error(http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "n": 10**6}), 400)

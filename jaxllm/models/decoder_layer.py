@@ -34,16 +34,19 @@ class DecoderLayer(nnx.Module):
         self.eps, self.mesh, self.kernel_backend = c.rms_norm_eps, mesh, kernel_backend
 
     def __call__(self, k_pages: jax.Array, v_pages: jax.Array, x: jax.Array, normed: jax.Array,
-                 next_norm: jax.Array, cos: jax.Array, sin: jax.Array, metadata: AttentionMetadata):
+                 next_norm: jax.Array, cos: jax.Array, sin: jax.Array, metadata: AttentionMetadata,
+                 steer: jax.Array | None = None):
         """The paged step -> (k_pages', v_pages', x', normed'): x [T, D] is the residual stream, `normed` is x normed
         for this layer, x' the stream after this layer and `normed'` x' normed with `next_norm` [D] (the next layer's
         input norm, or the final norm), each sublayer's add and the next norm being one step (`add_rms_norm`).
 
         x' comes back with `normed'` so a caller can gather the stream after each layer; a vector to add to the
-        stream after this layer joins the MLP output before the last add-norm, which keeps `normed'` its norm."""
+        stream after this layer joins the MLP output before the last add-norm, which keeps `normed'` its norm:
+        `steer` [T, D] (zeros on unsteered rows, which adding leaves bit-identical), None when no row steers."""
         k_pages, v_pages, h = self.attn(k_pages, v_pages, normed, cos, sin, metadata)
         x, normed = self._add_norm(x, h, self.post_norm.weight[...])
-        x, normed = self._add_norm(x, self.mlp(normed), next_norm)
+        h = self.mlp(normed)
+        x, normed = self._add_norm(x, h if steer is None else h + steer, next_norm)
         return k_pages, v_pages, x, normed
 
     def dense(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -58,7 +61,7 @@ class DecoderLayer(nnx.Module):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decoder_layer(graphdef: nnx.GraphDef, state: nnx.State, k_pages: jax.Array, v_pages: jax.Array, x: jax.Array,
                    normed: jax.Array, next_norm: jax.Array, cos: jax.Array, sin: jax.Array,
-                   metadata: AttentionMetadata):
+                   metadata: AttentionMetadata, steer: jax.Array | None):
     """`DecoderLayer.__call__` as a pure function of the layer's graph (static) and state.
 
     Jitted, so that a step's layers, alike in graph and shapes, are traced and lowered once: the model step lowers
@@ -66,12 +69,13 @@ def _decoder_layer(graphdef: nnx.GraphDef, state: nnx.State, k_pages: jax.Array,
     every layer lowered its own Pallas kernels, and a warm start, whose compile cache skips only XLA's part, paid
     that for every bucket (docs/perf-notes.md#one-decoder-layer-lowered-per-bucket).
     """
-    return nnx.merge(graphdef, state)(k_pages, v_pages, x, normed, next_norm, cos, sin, metadata)
+    return nnx.merge(graphdef, state)(k_pages, v_pages, x, normed, next_norm, cos, sin, metadata, steer)
 
 
 def decoder_layer_step(layer: DecoderLayer, k_pages: jax.Array, v_pages: jax.Array, x: jax.Array, normed: jax.Array,
-                       next_norm: jax.Array, cos: jax.Array, sin: jax.Array, metadata: AttentionMetadata):
+                       next_norm: jax.Array, cos: jax.Array, sin: jax.Array, metadata: AttentionMetadata,
+                       steer: jax.Array | None = None):
     """`layer(...)` through `_decoder_layer`: layers of equal graphs (every one, or one per attention kind) share
     one lowering per step."""
     graphdef, state = nnx.split(layer)
-    return _decoder_layer(graphdef, state, k_pages, v_pages, x, normed, next_norm, cos, sin, metadata)
+    return _decoder_layer(graphdef, state, k_pages, v_pages, x, normed, next_norm, cos, sin, metadata, steer)

@@ -36,6 +36,7 @@ from jaxllm.models.decoder_layer import DecoderLayer, decoder_layer_step
 from jaxllm.models.fusion import FusedProjection
 from jaxllm.models.layers import rope_cos_sin, rope_inv_freq
 from jaxllm.models.modules import Embed, LMHead, RMSNorm
+from jaxllm.models.research import ResearchInputs
 from jaxllm.models.weight_map import WeightRule
 
 
@@ -64,17 +65,29 @@ class LlamaForCausalLM(nnx.Module):
         """The checkpoint layout the loaders fill (models/llama_weights.py), in the model's dtype."""
         return llama_weights.checkpoint_shapes(self.config, self.dtype)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids i32[B, T] -> logits f32[B, T, V]: every sequence from position 0, causal, no cache.
+    def __call__(self, ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                 return_hidden_states: bool = False):
+        """ids i32[B, T] (or inputs_embeds [B, T, D], HF's name: e.g. `model.embed(ids)` for attribution) -> logits
+        f32[B, T, V]: every sequence from position 0, causal, no cache. With return_hidden_states, (logits,
+        f32[L + 1, B, T, D]) indexed like HF's output_hidden_states (0 the embeddings, l after decoder layer l, L
+        after the final norm).
 
         Right-padded batches need no mask: a causal position never sees the padding after it, so the logits of
         the real tokens are exact (those of the padding are garbage). Left padding is not supported."""
-        b, t = ids.shape
-        x = self.embed(ids.reshape(-1)).reshape(b, t, -1)  # [B, T, D]: the residual stream
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of ids and inputs_embeds")
+        x = self.embed(ids.reshape(-1)).reshape(*ids.shape, -1) if inputs_embeds is None else inputs_embeds
+        b, t, _ = x.shape  # x [B, T, D]: the residual stream
         cos, sin = rope_cos_sin(jnp.arange(t), rope_inv_freq(self.config), x.dtype)  # [T, R]
+        streams = [x]
         for layer in self.layers:
             x = layer.dense(x, cos, sin)
-        return self._logits(self.final_norm(x).reshape(b * t, -1)).reshape(b, t, -1)
+            streams.append(x)
+        normed = self.final_norm(x)
+        logits = self._logits(normed.reshape(b * t, -1)).reshape(b, t, -1)
+        if not return_hidden_states:
+            return logits
+        return logits, jnp.stack(streams[:-1] + [normed]).astype(jnp.float32)
 
     def step(
         self,
@@ -82,7 +95,10 @@ class LlamaForCausalLM(nnx.Module):
         token_ids: jax.Array,  # i32[T]
         metadata: AttentionMetadata,
         logits_indices: jax.Array | None = None,  # i32[S] rows of T to project to the vocabulary
-    ) -> tuple[KVCache, jax.Array]:  # kv_cache', f32[S or T, V]
+        research: ResearchInputs | None = None,
+    ):
+        """-> (kv_cache', f32[S or T, V] logits), and with `research` a third entry: the gathered hidden states
+        f32[K, R, D] (None when no row asks for them)."""
         c = self.config
         if kv_cache.num_layers != c.num_layers:
             raise ValueError(f"kv_cache has {kv_cache.num_layers} layers, model has {c.num_layers}")
@@ -92,16 +108,23 @@ class LlamaForCausalLM(nnx.Module):
         # input norm, after the last layer the final norm) in one step: add_rms_norm.
         next_norms = [layer.input_norm.weight[...] for layer in self.layers[1:]] + [self.final_norm.weight[...]]
         normed = self.layers[0].input_norm(x)
+        streams = {0: x}
         new_k, new_v = [], []
         for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            steer = None if research is None else research.steering(i + 1, x.dtype)
             k_pages, v_pages, x, normed = decoder_layer_step(
-                layer, kv_cache.k[i], kv_cache.v[i], x, normed, next_norm, cos, sin, metadata)
+                layer, kv_cache.k[i], kv_cache.v[i], x, normed, next_norm, cos, sin, metadata, steer)
             new_k.append(k_pages)
             new_v.append(v_pages)
+            streams[i + 1] = x
+        streams[c.num_layers] = normed  # HF's last entry is after the final norm, in place of layer L's output
         x = normed  # final-normed
         if logits_indices is not None:
             x = x[logits_indices]  # [S, D]: project only the rows that will be sampled
-        return KVCache(k=tuple(new_k), v=tuple(new_v)), self._logits(x)
+        kv_cache = KVCache(k=tuple(new_k), v=tuple(new_v))
+        if research is None:
+            return kv_cache, self._logits(x)
+        return kv_cache, self._logits(x), research.gather(streams)
 
     def _logits(self, x: jax.Array) -> jax.Array:  # [T, D] -> f32[T, V]
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)

@@ -31,8 +31,9 @@ from jaxllm import compile_cache, distributed, sharding
 from jaxllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from jaxllm.kv_cache import KVCache
 from jaxllm.loading import load_model
+from jaxllm.models.research import ResearchInputs
 from jaxllm.models.state import ModuleLayout
-from jaxllm.runtime import block_ops, inputs, kv_sizing, transfer
+from jaxllm.runtime import block_ops, inputs, kv_sizing, research, transfer
 from jaxllm.runtime.buckets import BatchLayout, BucketPlan
 from jaxllm.runtime.compiler_options import step_compiler_options
 from jaxllm.runtime.sampler import Logprobs, SamplerOutput, SamplingMetadata, prompt_logprobs, sample
@@ -86,6 +87,13 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, static_argnames=("layout",), donate_argnames=("kv_cache", "logits_out"),
                              out_shardings=(sharding.kv_sharding(self.mesh), self._replicated),
                              compiler_options=step_compiler_options(config, self.platform))
+        # Steps in which a row asks for hidden states or steering (runtime/research.py): a jit of its own, so the
+        # programs of every other step are exactly those without the feature. The stream is replicated over tp
+        # (add_rms_norm's inputs and outputs), so the gathered states are too.
+        self._research_step = jax.jit(
+            self._step_fn, static_argnames=("layout",), donate_argnames=("kv_cache", "logits_out"),
+            out_shardings=(sharding.kv_sharding(self.mesh), self._replicated, self._replicated),
+            compiler_options=step_compiler_options(config, self.platform))
         # The calls that take a step's host arrays copy them to the devices themselves, replicated (so across hosts
         # too: each process gives its own copy of the same value), in C++, cheaper than a jax.device_put first.
         self._sample = jax.jit(self._sample_fn, static_argnames=("layout", "rows"), donate_argnames=("last_tokens",),
@@ -139,20 +147,27 @@ class ModelRunner:
         return sharding.kv_cache_heads(self.model_config.num_kv_heads, self.config.tensor_parallel_size)
 
     def _step_fn(self, params, kv_cache: KVCache, buffer: jax.Array, last_tokens: jax.Array,
-                 logits_out: jax.Array | None, layout: BatchLayout):
+                 logits_out: jax.Array | None, layout: BatchLayout, research: ResearchInputs | None = None):
         """-> (kv_cache, logits): `logits_out` (donated) with the step's logits in its first rows, or, when it is
-        None (steps with prompt logprobs: a row per token), the logits alone."""
+        None (steps with prompt logprobs: a row per token), the logits alone; with `research`, the gathered
+        hidden states (or None) as a third entry."""
         token_ids, metadata, logits_indices = inputs.unpack(buffer, layout)
         token_ids = inputs.resolve_fed_tokens(token_ids, last_tokens)  # run-ahead placeholders
         model = self._layout.merge(params)
-        kv_cache, logits = model.step(kv_cache, token_ids, metadata, logits_indices=logits_indices)
+        hidden = ()
+        if research is None:
+            kv_cache, logits = model.step(kv_cache, token_ids, metadata, logits_indices=logits_indices)
+        else:
+            kv_cache, logits, gathered = model.step(kv_cache, token_ids, metadata, logits_indices=logits_indices,
+                                                    research=research)
+            hidden = (gathered,)
         # The lm_head is vocab-parallel: each device computes its slice of the vocabulary, then the logits (not the
         # lm_head, which XLA would otherwise gather on small batches) are gathered so the sampler sees them whole.
         logits = jax.lax.with_sharding_constraint(logits, self._vocab_split)
         logits = jax.lax.with_sharding_constraint(logits, self._replicated)
-        if logits_out is None:
-            return kv_cache, logits
-        return kv_cache, jax.lax.dynamic_update_slice(logits_out, logits, (0, 0))
+        if logits_out is not None:
+            logits = jax.lax.dynamic_update_slice(logits_out, logits, (0, 0))
+        return (kv_cache, logits, *hidden)
 
     @staticmethod
     def _sample_fn(logits: jax.Array, buffer: jax.Array, layout: transfer.PackedLayout, rows: int,
@@ -222,22 +237,31 @@ class ModelRunner:
                                 inputs.abstract_buffer(layout, self._replicated), self._last_tokens,
                                 self._logits_out(layout), layout)
 
-    def forward(self, buffer: jax.Array, layout: BatchLayout) -> jax.Array:
+    def forward(self, buffer: jax.Array, layout: BatchLayout, research: ResearchInputs | None = None):
         """The model step alone on packed inputs (no sampling): updates the cache, returns the logits (the first
-        `layout.num_logits` rows; any after them are an earlier step's)."""
-        self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens,
-                                           self._logits_out(layout), layout)
+        `layout.num_logits` rows; any after them are an earlier step's); with `research`, (logits, gathered hidden
+        states or None)."""
+        if research is None:
+            self.kv_cache, logits = self._step(self.params, self.kv_cache, buffer, self._last_tokens,
+                                               self._logits_out(layout), layout)
+        else:
+            research = jax.device_put(research, self._replicated)
+            self.kv_cache, logits, hidden = self._research_step(
+                self.params, self.kv_cache, buffer, self._last_tokens, self._logits_out(layout), layout, research)
         if not layout.all_logits:
             self._logits = logits
-        return logits
+        return logits if research is None else (logits, hidden)
 
     def _logits_out(self, layout: BatchLayout) -> jax.Array | None:
         return None if layout.all_logits else self._logits
 
     @staticmethod
-    def fetch(pending) -> tuple[SamplerOutput, Logprobs | None]:
-        """Wait for a dispatched step and bring its outputs to the host."""
-        return _fetch(pending)
+    def fetch(pending) -> tuple[SamplerOutput, Logprobs | None, list | None]:
+        """Wait for a dispatched step and bring its outputs to the host: the sampled ids, the prompt logprobs (or
+        None) and, when a row asked, each scheduled sequence's hidden states (runtime/research.HiddenPlan.split)."""
+        sampled, prompt, hidden, plan = pending
+        sampled, prompt, hidden = _fetch((sampled, prompt, hidden))
+        return sampled, prompt, None if hidden is None else plan.split(hidden)
 
     def dispatch(self, step: StepWork):
         """Start one step on the device and return at once; `fetch` gives the sampler's host-side output, one row
@@ -253,6 +277,10 @@ class ModelRunner:
         metadata = SamplingMetadata.build(step.sampling, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
         sampling, sampling_layout = transfer.pack(metadata)
         rows = _successor_rows(work, step.successors, layout.num_tokens, layout.num_seqs) if k is not None else ()
+        asked = research.build(step.params, [len(w.token_ids) for w in work], layout, self.model_config.hidden_size)
+        if asked is not None:
+            assert self.channel is None, "the engine refuses research features across hosts"
+            return self.device_step(layout, step_inputs, sampling, sampling_layout, k, rows, *asked)
         if self.channel is not None:
             self.channel.send("step", {"layout": dataclasses.astuple(layout), "sampling": _static_fields(metadata),
                                        "leaves": sampling_layout.leaves, "k": k},
@@ -260,17 +288,21 @@ class ModelRunner:
         return self.device_step(layout, step_inputs, sampling, sampling_layout, k, rows)
 
     def device_step(self, layout: BatchLayout, step_inputs: np.ndarray, sampling: np.ndarray,
-                    sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows):
+                    sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows,
+                    research_inputs: ResearchInputs | None = None, plan: research.HiddenPlan | None = None):
         """The device half of `dispatch` (a follower runs it on what the leader sent)."""
         # Two host buffers, so the model step's compiled shape depends on the bucket only (one sliced on the device
         # would cost a dispatch of its own).
-        logits = self.forward(self._stage(layout, step_inputs), layout)
+        logits = self.forward(self._stage(layout, step_inputs), layout, research_inputs)
+        hidden = None
+        if research_inputs is not None:
+            logits, hidden = logits
         prompt = None
         if prompt_logprobs_k is not None:
             logits, prompt = self._prompt_logprobs(logits, *rows, prompt_logprobs_k)
         sampled, self._last_tokens = self._sample(logits, sampling, sampling_layout, layout.num_seqs,
                                                   self._last_tokens)
-        return sampled, prompt
+        return sampled, prompt, hidden, plan
 
     def _stage(self, layout: BatchLayout, fresh: np.ndarray) -> jax.Array:
         """`fresh` (the step's host buffer) copied into this bucket's input buffer, which keeps its device address
@@ -316,7 +348,7 @@ class ModelRunner:
             leaf.delete()
         self.model = self.params = self.kv_cache = self._logits = self._last_tokens = None
         self._staged = {}
-        self._step = self._sample = None
+        self._step = self._research_step = self._sample = None
 
 
 def _copy_into(held: jax.Array, fresh: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ class StepWork:
     prompt_logprobs_k: int | None = None  # the most prompt logprobs any sequence wants; None: none does
     successors: Sequence[Sequence[int]] = ()  # with prompt_logprobs_k: the token after each computed token (or 0)
     reads_history: bool = False  # a sampling row has penalties, which read its real last token: no run-ahead
+    params: Sequence[SamplingParams] = ()  # each sequence's request params (hidden states, steering)
 
 
 def _has_penalties(params: SamplingParams) -> bool:
@@ -54,12 +55,13 @@ class StepBuilder:
             row = self._sampling_row(s)
             sampling.append(row)
             history = history or bool(row.prompt_token_ids)
+        params = [s.seq.group.params for s in batch.scheduled]
         wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if s.needs_prompt_logprobs]
         if not wanted:
-            return StepWork(work, sampling, reads_history=history)
+            return StepWork(work, sampling, reads_history=history, params=params)
         successors = [[s.seq.token_ids[p + 1] if p + 1 < s.seq.num_prompt_tokens else 0
                        for p in range(s.start_pos, s.seq_len)] for s in batch.scheduled]
-        return StepWork(work, sampling, max(wanted), successors, reads_history=history)
+        return StepWork(work, sampling, max(wanted), successors, reads_history=history, params=params)
 
     def _sampling_row(self, s: ScheduledSequence) -> SamplingRow:
         """Token histories are copied only for the penalties that read them (so a row has them iff it reads them)."""

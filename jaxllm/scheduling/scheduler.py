@@ -315,9 +315,12 @@ class Scheduler:
 
     def _attach_prefix(self, seq: Sequence) -> int | None:
         """Attach seq's cached prefix; returns the tokens hit, or None when the cache is not consulted."""
-        # Prompt logprobs need the logits of every prompt position, which cached tokens would skip (as vLLM V1).
+        # Prompt logprobs need the logits of every prompt position, which cached tokens would skip (as vLLM V1);
+        # hidden states need the stream at every position, so such requests recompute their prefix too.
         group = seq.group
-        if not self.block_manager.enable_prefix_caching or group.params.prompt_logprobs is not None:
+        params = group.params
+        if (not self.block_manager.enable_prefix_caching or params.prompt_logprobs is not None
+                or params.return_hidden_states):
             return None
         if group.pending_fork and seq is not group.leader:  # it adopts the leader's blocks instead
             return None

@@ -9,6 +9,8 @@ so a group never needs more blocks after a preemption than before it.
 """
 
 import enum
+import hashlib
+import struct
 import time
 from collections.abc import Iterable
 
@@ -121,6 +123,14 @@ class Sequence:
                 f"computed={self.num_computed_tokens}, blocks={self.block_table})")
 
 
+def _steered_salt(cache_salt: str | None, steering: dict[int, tuple[float, ...]]) -> str:
+    digest = hashlib.sha256()
+    for layer in sorted(steering):
+        vector = steering[layer]
+        digest.update(struct.pack(f"<qq{len(vector)}d", layer, len(vector), *vector))
+    return f"{'' if cache_salt is None else cache_salt}\x00steering:{digest.hexdigest()}"
+
+
 class SequenceGroup:
     """One request: its prompt, SamplingParams and sequences (one until the n > 1 fork, then n).
 
@@ -140,7 +150,8 @@ class SequenceGroup:
         if eos_token_id is None or isinstance(eos_token_id, int):
             eos_token_id = () if eos_token_id is None else (eos_token_id,)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_id)
-        self.cache_salt = cache_salt
+        # Steering changes every K/V after the steered layer: its vectors join the salt of the prefix-cache chain.
+        self.cache_salt = cache_salt if params.steering is None else _steered_salt(cache_salt, params.steering)
         self.metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time)
         self.pending_fork = params.n > 1
         self.seqs = [Sequence(self, 0, list(self.prompt_token_ids), len(self.prompt_token_ids))]

@@ -7,6 +7,7 @@ sequence, and text that could still grow into a stop string is held back from th
 
 import dataclasses
 
+from jaxllm.hidden_states import HiddenStates
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.scheduling.scheduler_output import SchedulerOutput
 from jaxllm.scheduling.sequence import Sequence, SequenceGroup
@@ -34,6 +35,7 @@ class OutputProcessor:
         # A request's prompt ids as its outputs carry them: one copy shared by all of them, not one per step.
         self._prompts: dict[str, list[int]] = {}
         self._prompt_logprobs = PromptLogprobs(self.logprob_entry)
+        self._hidden = HiddenStates()
 
     def _state(self, seq: Sequence) -> _SampleText:
         key = (seq.request_id, seq.sample_index)
@@ -48,6 +50,10 @@ class OutputProcessor:
     def record_prompt_logprobs(self, batch: SchedulerOutput, logprobs) -> None:
         """A step's prompt logprobs (one row per token of `batch`), for the requests' outputs."""
         self._prompt_logprobs.record(batch, logprobs)
+
+    def record_hidden_states(self, batch: SchedulerOutput, per_row: list) -> None:
+        """A step's gathered hidden states (runner.fetch's third entry), for the outputs of the requests that asked."""
+        self._hidden.record(batch, per_row)
 
     def append_sampled(self, seq: Sequence, token_id: int, logprobs, row: int) -> str | None:
         """`append` with the logprobs of row `row` of the sampler's arrays (None when no row wants any)."""
@@ -100,7 +106,9 @@ class OutputProcessor:
                 index=seq.sample_index, text=state.output_text, token_ids=seq.output_token_ids,  # a fresh list
                 cumulative_logprob=state.cumulative_logprob if state.logprobs is not None else None,
                 logprobs=list(state.logprobs) if state.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                hidden_states=self._hidden.get(group, seq.sample_index) if group.params.return_hidden_states
+                else None))
         prompt_token_ids = self._prompts.get(group.request_id)
         if prompt_token_ids is None:
             prompt_token_ids = self._prompts[group.request_id] = list(group.prompt_token_ids)
@@ -115,5 +123,6 @@ class OutputProcessor:
 
     def forget(self, request_id: str, num_samples: int) -> None:
         self._prompts.pop(request_id, None)
+        self._hidden.forget(request_id, num_samples)
         for i in range(num_samples):
             self._samples.pop((request_id, i), None)
