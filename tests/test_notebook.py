@@ -1,7 +1,8 @@
 """The notebooks run top to bottom on CPU with the default model; any failing cell fails the test.
 
-notebooks/quickstart.ipynb: generate, chat, the KV cache, streaming. notebooks/research.ipynb: an attribution through
-llm.model; its last cell displays what it found as JSON, which the test checks."""
+notebooks/quickstart.ipynb: generate, chat, the KV cache, streaming. notebooks/research.ipynb: per-request hidden
+states, a steering vector and its effect on generations, an attribution through llm.model; its last cell displays
+what it found as JSON, which the test checks."""
 
 import json
 import math
@@ -58,9 +59,20 @@ def test_quickstart_notebook_runs(python3_kernel_of_this_interpreter):
 def test_research_notebook_runs(python3_kernel_of_this_interpreter):
     cell_outputs = execute("research.ipynb", python3_kernel_of_this_interpreter)
     figures = [o for outputs in cell_outputs for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) == 1  # the attribution bars
+    assert len(figures) == 3  # the residual-stream norms, the states along the steering direction, the attribution
     (summary,) = [o.data["application/json"] for o in cell_outputs[-1] if "application/json" in o.get("data", {})]
-    assert (summary["num_layers"], summary["hidden_size"]) == (30, 576)  # SmolLM2-135M
+
+    num_layers, hidden_size = summary["num_layers"], summary["hidden_size"]
+    assert (num_layers, hidden_size) == (30, 576)  # SmolLM2-135M
+    assert summary["hidden_states_shapes"] == [[num_layers + 1, t, hidden_size] for t in summary["prompt_lengths"]]
+    assert summary["engine_vs_dense_error"] < 1e-4  # the paged step's states are the dense forward's
+
+    generations = summary["generations"]
+    plain, up, down = generations["plain"], generations["+ direction"], generations["- direction"]
+    assert all(text for texts in (plain, up, down) for text in texts)
+    for steered in (up, down):  # every steered generation differs from its plain one
+        assert all(s != p for s, p in zip(steered, plain)), (steered, plain)
+    assert all(u != d for u, d in zip(up, down))
 
     attribution = summary["attribution"]
     tokens = attribution["tokens"]
