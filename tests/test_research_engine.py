@@ -212,3 +212,20 @@ def test_nll_gradients_through_llm_model_match_hf(tiny_llm, family):
     close(grads["embed.weight"][rows], r["grad/embed_rows"])
     if "grad/lm_head_rows" in r:
         close(grads["lm_head.weight"][:, rows].T, r["grad/lm_head_rows"])
+
+
+def test_n2_requests_preempted_by_recompute_keep_complete_hidden_states(tiny_llm):
+    llm = tiny_llm("llama3", max_model_len=128, kv_cache_memory_bytes=9 * BLOCK_BYTES, swap_space=0)
+    rng = np.random.default_rng(11)
+    prompts = [{"prompt_token_ids": rng.integers(5, 512, int(n)).tolist()} for n in (30, 21, 37)]
+    params = greedy(30, return_hidden_states=[1], n=2)
+    before = llm.llm_engine.stats().num_preemptions_total
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.stats().num_preemptions_total > before
+    model = tiny_llm("llama3").model
+    for prompt, out in zip(prompts, outs):
+        for sample in out.outputs:
+            ids = prompt["prompt_token_ids"] + sample.token_ids[:-1]
+            _, dense = model(jnp.asarray([ids]), return_hidden_states=True)
+            assert sample.hidden_states.shape == (1, len(ids), 64)
+            assert rel_err(sample.hidden_states, np.asarray(dense)[[1], 0]) <= RTOL

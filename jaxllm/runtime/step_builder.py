@@ -50,12 +50,12 @@ class StepBuilder:
         # Without a previous step there is no placeholder, and a prompt's ids are not walked one by one.
         work = [SeqWork([fed_token(rows[id(s.seq)]) if t == RUN_AHEAD_TOKEN else t for t in s.token_ids]
                         if rows else s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
-        sampling, history = [], False
+        sampling, params, history = [], [], False
         for s in batch.scheduled:
             row = self._sampling_row(s)
             sampling.append(row)
+            params.append(s.seq.group.params)
             history = history or bool(row.prompt_token_ids)
-        params = [s.seq.group.params for s in batch.scheduled]
         wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if s.needs_prompt_logprobs]
         if not wanted:
             return StepWork(work, sampling, reads_history=history, params=params)
