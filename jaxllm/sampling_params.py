@@ -201,8 +201,18 @@ def _check_float(name: str, value, *, lo: float, hi: float | None = None, lo_ope
         raise ValueError(f"{name} must be {limit}, got {value}.")
 
 
+def _is_list(values) -> bool:
+    """An iterable of items (a str or bytes is one value, not a list)."""
+    return hasattr(values, "__iter__") and not isinstance(values, (str, bytes))
+
+
+def _json_key(key):
+    """JSON object keys are strings: "123" stands for 123, as OpenAI's logit_bias takes it."""
+    return int(key) if isinstance(key, str) and key.strip().isdigit() else key
+
+
 def _int_list(name: str, values) -> list[int]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    if not _is_list(values):
         raise ValueError(f"{name} must be a list of token ids, got {type(values).__name__}.")
     values = list(values)
     for v in values:
@@ -216,9 +226,7 @@ def _logit_bias(bias) -> dict[int, float]:
         raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(bias).__name__}.")
     out = {}
     for key, value in bias.items():
-        # JSON object keys are strings: accept "123" as OpenAI does, nothing else.
-        if isinstance(key, str) and key.strip().isdigit():
-            key = int(key)
+        key = _json_key(key)
         if not _is_int(key) or key < 0:
             raise ValueError(f"logit_bias keys must be non-negative integer token ids, got {key!r}.")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -230,7 +238,7 @@ def _logit_bias(bias) -> dict[int, float]:
 def _hidden_layers(value) -> bool | list[int]:
     if isinstance(value, bool):
         return value
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    if not _is_list(value):
         raise ValueError(f"return_hidden_states must be a boolean or a list of layer indices, got {value!r}.")
     layers = list(value)
     if not layers or not all(_is_int(v) for v in layers):
@@ -239,16 +247,15 @@ def _hidden_layers(value) -> bool | list[int]:
 
 
 def _steering(value) -> dict[int, tuple[float, ...]]:
-    """layer -> vector as plain floats (JSON keys are strings: "2" is accepted as the server's)."""
+    """layer -> vector as plain floats."""
     if not isinstance(value, dict):
         raise ValueError(f"steering must be a mapping of layer to vector, got {type(value).__name__}.")
     out = {}
     for key, vector in value.items():
-        if isinstance(key, str) and key.strip().isdigit():
-            key = int(key)
+        key = _json_key(key)
         if not _is_int(key):
             raise ValueError(f"steering keys must be integer layer indices, got {key!r}.")
-        if isinstance(vector, (str, bytes)) or not hasattr(vector, "__iter__"):
+        if not _is_list(vector):
             raise ValueError(f"steering[{key}] must be a list of numbers, got {type(vector).__name__}.")
         try:
             floats = tuple(float(v) for v in vector)
