@@ -16,8 +16,10 @@ class _ByPosition:
 
     def __init__(self):
         self.chunks: list[tuple[int, np.ndarray]] = []
+        self._joined: dict[int | None, np.ndarray] = {}  # value(end) joined, until the next write
 
     def write(self, start: int, states: np.ndarray) -> None:
+        self._joined.clear()
         while self.chunks and self.chunks[-1][0] >= start:
             self.chunks.pop()
         if self.chunks:
@@ -25,8 +27,14 @@ class _ByPosition:
             self.chunks[-1] = (last_start, last[:, :start - last_start])
         self.chunks.append((start, states))
 
-    def value(self, end: int | None = None) -> list[np.ndarray]:
-        return [c if end is None else c[:, :max(0, end - s)] for s, c in self.chunks]
+    def value(self, end: int | None = None) -> np.ndarray:
+        """f32[K, n, D]: the chunks up to `end` (all of them with None) in one array, joined once per write: a
+        streamed request reads its states every step."""
+        joined = self._joined.get(end)
+        if joined is None:
+            parts = [c if end is None else c[:, :max(0, end - s)] for s, c in self.chunks]
+            joined = self._joined[end] = np.concatenate(parts, axis=1)
+        return joined
 
 
 class HiddenStates:
@@ -55,8 +63,10 @@ class HiddenStates:
         shared = self._store.get((group.request_id, -1))
         own = self._store.get((group.request_id, sample_index))
         shared_end = group.num_prompt_tokens - 1 if group.params.n > 1 else 0
-        parts = (shared.value(shared_end) if shared else []) + (own.value() if own else [])
-        return np.concatenate(parts, axis=1) if parts else None
+        parts = [part.value(end) for part, end in ((shared, shared_end), (own, None)) if part is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def forget(self, request_id: str, num_samples: int) -> None:
         for key in range(-1, num_samples):

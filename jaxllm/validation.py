@@ -1,7 +1,8 @@
 """The one place a request is checked against the model and the deployment's limits.
 
-The engine and the server both call `validate_request`, so a request refused by one is refused by the other with the
-same message; the scheduler only asserts what it was promised. Every failure is a ValueError naming the field and
+`LLMEngine.process_request` calls `validate_request` for every front end (the server reaches it through
+AsyncLLMEngine), so a request is refused with the same message everywhere; the scheduler only asserts what it was
+promised. Every failure is a ValueError naming the field and
 the limit; `ContextLengthExceededError` is the subclass the server maps to OpenAI's code="context_length_exceeded".
 """
 

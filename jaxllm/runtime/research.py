@@ -31,12 +31,10 @@ class HiddenPlan:
 
 
 def build(params: Sequence[SamplingParams], steering: Sequence[dict | None], num_tokens: Sequence[int],
-          layout: BatchLayout, hidden_size: int) -> tuple[ResearchInputs, HiddenPlan] | None:
+          layout: BatchLayout, hidden_size: int) -> tuple[ResearchInputs, HiddenPlan]:
     """`params`, `steering`, `num_tokens`: each scheduled sequence's request params, its steering vectors as
-    arrays ({layer: f32[D]} or None) and its tokens this step. None when no sequence asks for anything (the common
-    case: one attribute read per sequence)."""
-    if not any(p.return_hidden_states or p.steering for p in params):
-        return None
+    arrays ({layer: f32[D]} or None) and its tokens this step, for a step in which some sequence asks (the step
+    builder says so by filling them)."""
     starts = np.concatenate([[0], np.cumsum(num_tokens)]).astype(np.int64)
     layers = sorted({layer for p in params if p.return_hidden_states for layer in p.return_hidden_states})
     rows, spans = [], []

@@ -277,9 +277,9 @@ class ModelRunner:
         metadata = SamplingMetadata.build(step.sampling, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
         sampling, sampling_layout = transfer.pack(metadata)
         rows = _successor_rows(work, step.successors, layout.num_tokens, layout.num_seqs) if k is not None else ()
-        asked = research.build(step.params, step.steering, [len(w.token_ids) for w in work], layout,
-                               self.model_config.hidden_size)
-        if asked is not None:
+        if step.params:  # a sequence asks for hidden states or steering
+            asked = research.build(step.params, step.steering, [len(w.token_ids) for w in work], layout,
+                                   self.model_config.hidden_size)
             assert self.channel is None, "the engine refuses research features across hosts"
             return self.device_step(layout, step_inputs, sampling, sampling_layout, k, rows, *asked)
         if self.channel is not None:

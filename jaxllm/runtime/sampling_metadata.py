@@ -173,7 +173,8 @@ class SamplingMetadata:
     def build(cls, rows: Sequence[SamplingRow], *, pad_rows_to: int, vocab_size: int) -> "SamplingMetadata":
         """Packs rows into numpy arrays padded to `pad_rows_to` rows and power-of-two list widths.
 
-        Raises ValueError naming the field when a token id is outside [0, vocab_size) or rows exceed pad_rows_to.
+        Raises ValueError when rows exceed pad_rows_to; token ids outside [0, vocab_size) are an AssertionError
+        naming the field (validation.py refuses them when a request comes in).
         """
         n = len(rows)
         if n > pad_rows_to:

@@ -29,7 +29,8 @@ class StepWork:
     prompt_logprobs_k: int | None = None  # the most prompt logprobs any sequence wants; None: none does
     successors: Sequence[Sequence[int]] = ()  # with prompt_logprobs_k: the token after each computed token (or 0)
     reads_history: bool = False  # a sampling row has penalties, which read its real last token: no run-ahead
-    params: Sequence[SamplingParams] = ()  # each sequence's request params (hidden states, steering)
+    # Only when a sequence asks for hidden states or steering, else empty:
+    params: Sequence[SamplingParams] = ()  # each sequence's request params
     steering: Sequence[dict | None] = ()  # each sequence's steering as {layer: f32[D]}, or None
 
 
@@ -54,13 +55,18 @@ class StepBuilder:
         # Without a previous step there is no placeholder, and a prompt's ids are not walked one by one.
         work = [SeqWork([fed_token(rows[id(s.seq)]) if t == RUN_AHEAD_TOKEN else t for t in s.token_ids]
                         if rows else s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
-        sampling, params, steering, history = [], [], [], False
+        sampling, history, research = [], False, False
         for s in batch.scheduled:
             row = self._sampling_row(s)
             sampling.append(row)
-            params.append(s.seq.group.params)
-            steering.append(self._steering_arrays(s.seq.group) if s.seq.group.params.steering else None)
             history = history or bool(row.prompt_token_ids)
+            p = s.seq.group.params  # a prefill chunk that samples nothing still computes states
+            research = research or bool(p.return_hidden_states or p.steering)
+        params, steering = (), ()
+        if research:
+            params = [s.seq.group.params for s in batch.scheduled]
+            steering = [self._steering_arrays(s.seq.group) if p.steering else None
+                        for s, p in zip(batch.scheduled, params)]
         wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if s.needs_prompt_logprobs]
         if not wanted:
             return StepWork(work, sampling, reads_history=history, params=params, steering=steering)
