@@ -17,9 +17,14 @@ TINY = dict(dtype="float32", enforce_eager=True, max_model_len=256, kv_cache_mem
             max_num_batched_tokens=32)
 
 
-def golden(family: str) -> dict:
-    with np.load(FIXTURES / family / "golden.npz") as data:
+def golden(family: str, name: str = "golden") -> dict:
+    """A fixture's reference arrays: golden.npz, or research.npz with name="research"."""
+    with np.load(FIXTURES / family / f"{name}.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+def rel_err(got, ref) -> float:
+    return float(np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from jaxllm.kv_cache import NULL_BLOCK, AttentionMetadata, KVCache
 from jaxllm.loading import load_model
 from jaxllm.models.state import ModuleLayout
@@ -80,10 +81,6 @@ class PagedRunner:
         self.cache, logits = self.step_fn(self.params, self.cache, token_ids, metadata)
         logits = np.asarray(logits)
         return [logits[starts[s]:starts[s + 1]] for s in range(len(chunks))]
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

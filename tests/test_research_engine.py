@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, FIXTURES
+from conftest import FAMILIES, golden, rel_err
 from jaxllm import SamplingParams
 from jaxllm.models.state import state_dict
 
@@ -19,12 +19,7 @@ BLOCK_BYTES = 2 * 2 * 2 * 16 * 64 * 4
 
 
 def research(family: str) -> dict:
-    with np.load(FIXTURES / family / "research.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def rel_err(got, ref) -> float:
-    return float(np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref))
+    return golden(family, "research")
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:

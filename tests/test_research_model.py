@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FAMILIES, golden
+from conftest import FAMILIES, golden, rel_err
 from jaxllm.models.state import ModuleLayout, state_dict
 
 FP32_RTOL = 1e-4
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 def right_padded(prompts: list[np.ndarray]) -> np.ndarray:
