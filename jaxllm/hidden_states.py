@@ -37,6 +37,11 @@ class _ByPosition:
         return joined
 
 
+def _shared_end(group: SequenceGroup) -> int:
+    """The positions before it are the prompt prefilled once for all n samples (none when n == 1)."""
+    return group.num_prompt_tokens - 1 if group.params.n > 1 else 0
+
+
 class HiddenStates:
     def __init__(self):
         self._store: dict[tuple[str, int], _ByPosition] = {}  # (request id, sample or -1 for the shared prompt)
@@ -48,7 +53,7 @@ class HiddenStates:
             if states is None or seq.is_finished:  # a run-ahead step past the end: beyond the output's T
                 continue
             group, start = seq.group, s.start_pos
-            shared_end = group.num_prompt_tokens - 1 if group.params.n > 1 else 0
+            shared_end = _shared_end(group)
             if start < shared_end:
                 self._at(seq.request_id, -1).write(start, states[:, :shared_end - start])
                 states, start = states[:, shared_end - start:], shared_end
@@ -62,7 +67,7 @@ class HiddenStates:
         """f32[K, T, D]: the prompt and every generated token but the last; None before any step ran."""
         shared = self._store.get((group.request_id, -1))
         own = self._store.get((group.request_id, sample_index))
-        shared_end = group.num_prompt_tokens - 1 if group.params.n > 1 else 0
+        shared_end = _shared_end(group)
         parts = [part.value(end) for part, end in ((shared, shared_end), (own, None)) if part is not None]
         if not parts:
             return None

@@ -46,7 +46,7 @@ class ModuleLayout:
         graphdef, state = nnx.split(model)
         keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
         # A keypath ends in the Variable's own key (its value); the rest names the param.
-        paths = tuple(".".join(str(getattr(k, "key", k)) for k in keypath[:-1]) for keypath, _ in keyed)
+        paths = tuple(dotted_path(tuple(getattr(k, "key", k) for k in keypath[:-1])) for keypath, _ in keyed)
         return cls(graphdef, treedef, paths), dict(zip(paths, (leaf for _, leaf in keyed)))
 
     def merge(self, params: dict[str, jax.Array]) -> nnx.Module:
