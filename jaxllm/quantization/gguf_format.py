@@ -62,6 +62,13 @@ def decode_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndar
     return values.reshape(n, -1), d, zeros
 
 
+def packed_arrays(raw: np.ndarray, qtype: GGMLQuantizationType) -> dict[str, np.ndarray]:
+    """Stored rows uint8 [N, B * block bytes] -> the canonical qweight i32[K / E, N], scales and zeros f32 [B, N]."""
+    values, scales, zeros = decode_blocks(raw, qtype)
+    return {"qweight": pack_int(values.T, _BITS[qtype]), "scales": np.ascontiguousarray(scales.T),
+            "zeros": np.ascontiguousarray(zeros.T)}
+
+
 @dataclasses.dataclass(frozen=True)
 class GGUFFormat:
     """The QuantFormat of a GGUF file: Q4_0 / Q4_1 / Q8_0 linears packed, the rest read densely by the source."""
@@ -89,13 +96,13 @@ class GGUFFormat:
         own tensors: `source` is the generic loader's view, which dequantizes."""
         del source
         weight = module + ".weight"
+        if weight not in self.tensors:
+            raise ValueError(f"the GGUF file has no tensor {weight}")
         stored = self.linear_quant(module, in_features, out_features)
         if quant != stored:
             raise ValueError(f"{weight} is stored as {self.tensors.tensor_type(weight).name} ({stored}), it cannot "
                              f"be read as {quant}")
-        values, scales, zeros = decode_blocks(self.tensors.blocks(weight), self.tensors.tensor_type(weight))
-        return {"qweight": pack_int(values.T, quant.bits), "scales": np.ascontiguousarray(scales.T),
-                "zeros": np.ascontiguousarray(zeros.T)}
+        return packed_arrays(self.tensors.blocks(weight), self.tensors.tensor_type(weight))
 
 
 def _check_shape(tensors: GGUFTensors, weight: str, in_features: int, out_features: int) -> None:
