@@ -9,19 +9,26 @@ block_q8_0), so a block is a group of the canonical layout (linear_quant.py) and
     Q8_0  f16 d, 32 int8               w = d * q            values q + 128, scales d, zeros 128
 Byte j of the nibbles holds element j in its low half and element j + 16 in its high half. Every other type (F16,
 F32, the K-quants, ...) stays a dense tensor, dequantized by the checkpoint's source as before.
+Q4_0's and Q8_0's weights come back exactly, in f32 scales as in f16 ones; Q4_1's zero -m / d costs one f32 rounding,
+and in f16 (the scale dtype of a bf16 / f16 model) up to 2**-8 of a quantization step (|zero| < 16 in real blocks).
 """
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from jaxllm.loading.gguf import GGUFTensors
 from jaxllm.quantization.linear_quant import LinearQuant, QuantFormat
 from pallas_kernels.quant_pack import pack_int
 
+if TYPE_CHECKING:  # the gguf package is imported only when a GGUF file is read (loading/model_loader.py)
+    from gguf import GGMLQuantizationType
+
+    from jaxllm.loading.gguf import GGUFTensors
+
 GROUP = 32  # QK4_0 = QK4_1 = QK8_0
-_BITS = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
+_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+_BLOCK_BYTES = {"Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16, "Q8_0": 2 + 32}
 _EMBEDDING = "model.embed_tokens.weight"  # a gathered table, not a matmul: always dense
 
 
@@ -35,16 +42,17 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def decode_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_blocks(raw: np.ndarray, qtype: "GGMLQuantizationType") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stored rows uint8 [N, B * block bytes] -> (values uint8 [N, K], scales f32 [N, B], zeros f32 [N, B]) with
     w = (values - zeros) * scales per block."""
-    _, type_size = GGML_QUANT_SIZES[qtype]
+    if qtype.name not in _BITS:
+        raise ValueError(f"GGUF type {qtype.name} is not served packed (only {sorted(_BITS)})")
     n = raw.shape[0]
-    blocks = raw.reshape(n, -1, type_size)
+    blocks = raw.reshape(n, -1, _BLOCK_BYTES[qtype.name])
     d = _f16(blocks, 0)
-    if qtype == GGMLQuantizationType.Q4_0:
+    if qtype.name == "Q4_0":
         values, zeros = _nibbles(blocks[..., 2:]), np.full_like(d, 8)
-    elif qtype == GGMLQuantizationType.Q4_1:
+    elif qtype.name == "Q4_1":
         m = _f16(blocks, 2)
         values = _nibbles(blocks[..., 4:])
         # A d == 0 block is constant (w = m whatever q says; q need not be 0 when d underflowed f16): store q = 0
@@ -54,18 +62,16 @@ def decode_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndar
         with np.errstate(divide="ignore", invalid="ignore"):
             zeros = np.where(constant, -m, -m / d)
         d = np.where(constant, np.float32(1), d)
-    elif qtype == GGMLQuantizationType.Q8_0:
+    else:
         values = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
         zeros = np.full_like(d, 128)
-    else:
-        raise ValueError(f"GGUF type {qtype.name} is not served packed (only {sorted(t.name for t in _BITS)})")
     return values.reshape(n, -1), d, zeros
 
 
-def packed_arrays(raw: np.ndarray, qtype: GGMLQuantizationType) -> dict[str, np.ndarray]:
+def packed_arrays(raw: np.ndarray, qtype: "GGMLQuantizationType") -> dict[str, np.ndarray]:
     """Stored rows uint8 [N, B * block bytes] -> the canonical qweight i32[K / E, N], scales and zeros f32 [B, N]."""
     values, scales, zeros = decode_blocks(raw, qtype)
-    return {"qweight": pack_int(values.T, _BITS[qtype]), "scales": np.ascontiguousarray(scales.T),
+    return {"qweight": pack_int(values.T, _BITS[qtype.name]), "scales": np.ascontiguousarray(scales.T),
             "zeros": np.ascontiguousarray(zeros.T)}
 
 
@@ -73,7 +79,7 @@ def packed_arrays(raw: np.ndarray, qtype: GGMLQuantizationType) -> dict[str, np.
 class GGUFFormat:
     """The QuantFormat of a GGUF file: Q4_0 / Q4_1 / Q8_0 linears packed, the rest read densely by the source."""
 
-    tensors: GGUFTensors
+    tensors: "GGUFTensors"
     name: str = "gguf"
     can_dequantize: bool = True  # a fused projection with mixed types reads densely, as every GGUF file did
 
@@ -81,7 +87,7 @@ class GGUFFormat:
         weight = module + ".weight"
         if weight == _EMBEDDING or weight not in self.tensors:
             return None
-        bits = _BITS.get(self.tensors.tensor_type(weight))
+        bits = _BITS.get(self.tensors.tensor_type(weight).name)
         if bits is None:
             return None
         _check_shape(self.tensors, weight, in_features, out_features)
@@ -105,7 +111,7 @@ class GGUFFormat:
         return packed_arrays(self.tensors.blocks(weight), self.tensors.tensor_type(weight))
 
 
-def _check_shape(tensors: GGUFTensors, weight: str, in_features: int, out_features: int) -> None:
+def _check_shape(tensors: "GGUFTensors", weight: str, in_features: int, out_features: int) -> None:
     if tensors.shape(weight) != (out_features, in_features):
         raise ValueError(f"GGUF tensor {weight} has shape {tensors.shape(weight)}, the model expects "
                          f"{(out_features, in_features)} ([out, in])")
@@ -114,6 +120,6 @@ def _check_shape(tensors: GGUFTensors, weight: str, in_features: int, out_featur
 def gguf_quant_format(checkpoint) -> QuantFormat | None:
     """The reader of `checkpoint`'s (a GGUFCheckpoint) packed linears; None when none is stored packed."""
     tensors = checkpoint.tensors
-    packed = any(name != _EMBEDDING and len(tensors.shape(name)) == 2 and tensors.tensor_type(name) in _BITS
+    packed = any(name != _EMBEDDING and len(tensors.shape(name)) == 2 and tensors.tensor_type(name).name in _BITS
                  for name in tensors.keys())
     return GGUFFormat(tensors) if packed else None
