@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    rows_m = [1, 3] if args.smoke else args.rows
+    rows_m = [1] if args.smoke else args.rows
     timing = dict(inner=2, target_s=0.01, repeats=1) if args.smoke else {}
     copy_gbs = None if args.smoke else copy_bandwidth() / 1e9
     print(f"{device_name()}: copy bandwidth {copy_gbs if copy_gbs is None else f'{copy_gbs:.0f} GB/s'}", flush=True)
