@@ -28,7 +28,7 @@ def quant_matmul(
 ) -> jax.Array:  # [M, N] in x's dtype
     """x @ dequantize(qweight, scales, zeros). backend: pallas_kernels.backend's names; the Pallas kernel runs on
     "triton" ("auto" on a GPU), every other backend runs the jnp expression (quant_matmul_reference.py).
-    config: the kernel's tiles (default: QuantMatmulConfig.for_rows(M)); interpret: the kernel in the CPU
+    config: the kernel's tiles (default: QuantMatmulConfig.for_rows(M, x's itemsize)); interpret: the kernel in the CPU
     interpreter (tests)."""
     if x.ndim != 2 or qweight.ndim != 2 or scales.ndim != 2:
         raise ValueError(f"expected x [M, K], qweight [K / E, N], scales [K / G, N]; got x {x.shape}, "
@@ -45,5 +45,5 @@ def quant_matmul(
                          f"whole words of {e} values")
     if resolve_backend(backend) != TRITON:
         return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
-    return quant_matmul_triton(x, qweight, scales, zeros, bits=bits, config=config or QuantMatmulConfig.for_rows(m),
-                               interpret=interpret)
+    config = config or QuantMatmulConfig.for_rows(m, x.dtype.itemsize)
+    return quant_matmul_triton(x, qweight, scales, zeros, bits=bits, config=config, interpret=interpret)

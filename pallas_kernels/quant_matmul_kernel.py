@@ -4,14 +4,18 @@ Legend: M rows of activations, K input features, N output features, E = 32 // bi
 rows, G rows per group (K for per-channel), Gw = G / E packed rows per group, Bm x Bn an output tile, Bw packed rows
 (Bw * E inputs) per step of the K loop, X splits of the K range. Layout: quant_pack.py.
 
-Program (m, n, x) streams packed tiles [Bw, Bn] of its split of K, each word loaded once. Slice j of a tile
-(`(word >> j * bits) & mask`) holds the rows w * E + j of the weight, so it is dequantized ((q - z) * s in float32,
-rounded to x's dtype) and multiplied with the x columns w * E + j (a strided gather of the x tile, which stays in
-L1/L2) on the tensor cores, for each of the E slices: the packed bytes cross the memory bus once and are never
-expanded in memory. Two launch shapes (QuantMatmulConfig.for_rows): small M (decode, M <= 64) pads M to 16 rows
-(the smallest dot) and splits K over X programs when N alone gives too few programs (the o and down projections of
-a batch-1 step), the f32 partial sums added after; larger M takes 64 x 128 tiles and one split, so each
-dequantized tile feeds a full-height dot.
+Program (m, n, x) streams packed tiles [Bw, Bn] of its split of K, each word loaded once. Slice j of a tile (the
+j-th value of every word) holds the weight rows w * E + j, so it is dequantized ((q - z) * s in float32, rounded
+to x's dtype) and multiplied on the tensor cores with the x columns w * E + j, for each of the E slices: the
+packed bytes cross the memory bus once and are never expanded in memory, and the K loop carries only the f32
+accumulator. The GPTQ layout stays (quant_pack.py): unpacking it costs one mask per value (slice_positions), so an
+interleaved order would save nothing in the kernel and would cost every loader a repack.
+
+Two launch shapes (QuantMatmulConfig.for_rows). Decode-sized M (<= 64) pads M to 16 rows (the smallest dot),
+gathers each slice's x columns with stride E straight from x (a few KB, in L1/L2), and splits K over X programs
+when the M and N blocks alone leave the GPU's SMs idle (the o and down projections of a batch-1 step), the f32
+partial sums added after. Larger M takes 64- or 128-row tiles, so each dequantized tile feeds a full-height dot,
+over x deinterleaved once by XLA so that every slice's x tile is a contiguous load.
 """
 
 import dataclasses
@@ -24,11 +28,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 SMALL_M = 64  # the largest M that takes the decode launch shape
-# An int q < 2**23 or'ed into the bits of 2**23 reads as the float 2**23 + q: an integer-to-float convert in one
-# integer op and one float subtract; the I2F instruction runs at 1/8 of the FP32 rate on sm_90.
+# An int q * 2**p < 2**23 or'ed into the bits of 2**23 reads as the float 2**23 + q * 2**p: the value masked in
+# place, no shift and no integer-to-float convert (I2F runs at 1/8 of the FP32 rate on sm_90), then one subtract.
 _MAGIC_BITS = 0x4B000000
 _MAGIC = float(2**23)
+_MANTISSA_BITS = 23
 
+
+def slice_positions(bits: int) -> tuple[tuple[bool, int], ...]:
+    """For each of a word's E values: (read from the word shifted right by 16, its bit position p there). A value
+    is masked in place while it ends inside the float mantissa (p + bits <= 23); the top ones come from one shift
+    of the word by 16 shared by all of them."""
+    positions = []
+    for j in range(32 // bits):
+        p = j * bits
+        positions.append((False, p) if p + bits <= _MANTISSA_BITS else (True, p - 16))
+    return tuple(positions)
 
 @dataclasses.dataclass(frozen=True)
 class QuantMatmulConfig:
@@ -43,6 +58,9 @@ class QuantMatmulConfig:
     min_split_tiles: int = 4
     num_warps: int = 4
     num_stages: int = 4
+    # x regrouped as [M, E, W] (one XLA transpose) so each slice's x tile is one contiguous, pipelined load instead
+    # of a stride-E gather: worth its copy of x when the x tiles are large (large M), not for a decode-sized x.
+    deinterleave_x: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_words"):
@@ -59,12 +77,15 @@ class QuantMatmulConfig:
             raise ValueError(f"QuantMatmulConfig.num_stages must be >= 1; got {self.num_stages}")
 
     @classmethod
-    def for_rows(cls, m: int) -> "QuantMatmulConfig":
-        """The launch shape for M rows: decode-sized M pads to the smallest dot that holds it; larger M takes
-        64-row tiles with 8 warps and no split (its M blocks fill the GPU)."""
+    def for_rows(cls, m: int, itemsize: int = 2) -> "QuantMatmulConfig":
+        """The launch shape for M rows of x (itemsize bytes each): decode-sized M pads to the smallest dot that
+        holds it; larger M takes 64- or 128-row tiles over a deinterleaved x, and splits K only where M and N
+        blocks leave SMs idle. 128-row tiles of a float32 x would not fit three pipeline stages in shared memory."""
         if m <= SMALL_M:
             return cls(block_m=max(16, pl.next_power_of_2(m)))
-        return cls(block_m=64, block_n=128, block_words=32, num_splits=1, num_warps=8, num_stages=3)
+        if m <= 256 or itemsize > 2:
+            return cls(block_m=64, num_stages=3, target_programs=132, deinterleave_x=True)
+        return cls(block_m=128, num_warps=8, num_stages=3, target_programs=132, deinterleave_x=True)
 
     def step_words(self, group_words: int, num_groups: int) -> tuple[int, bool]:
         """(Bw, whether each K step lies in one group). One group per step loads one row of scales and zeros per
@@ -94,7 +115,7 @@ def _group_rows(ref, rows: jax.Array, cols: jax.Array, col_ok: jax.Array | None)
 
 
 def _kernel(
-    x_ref,  # [M, K]
+    x_ref,  # [M, K], or [M, E, W] deinterleaved: x_ref[m, j, w] = x[m, w * E + j]
     q_ref,  # i32[W, N]
     s_ref,  # [K / G, N]
     z_ref,  # [K / G, N]
@@ -107,8 +128,9 @@ def _kernel(
     group_words: int,
     one_group_per_step: bool,
     num_splits: int,
+    deinterleave_x: bool,
 ):
-    m_total, _ = x_ref.shape
+    m_total = x_ref.shape[0]
     num_words, n_total = q_ref.shape
     e = 32 // bits
     mb, nb, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -149,12 +171,21 @@ def _kernel(
         masks = ([row_ok[:, None]] if m_total % block_m else []) + ([word_ok[None, :]] if ragged else [])
         x_mask = None if not masks else jnp.broadcast_to(functools.reduce(jnp.logical_and, masks),
                                                          (block_m, block_words))
-        for j in range(e):
-            q = lax.shift_right_logical(packed, jnp.int32(j * bits)) & jnp.int32(2**bits - 1)
-            qf = lax.bitcast_convert_type(q | jnp.int32(_MAGIC_BITS), jnp.float32) - _MAGIC
-            w = ((qf - zero) * scale).astype(x_ref.dtype)  # [Bw, Bn]
+        # w = (q - z) * s as fma(q * 2**p, s * 2**-p, -z * s): both scalings by 2**p are exact, so this is q * s
+        # rounded once less than the reference's subtract-then-multiply; per value one LOP3, one FSUB, one FFMA.
+        zs = zero * scale
+        scale_at = {p: scale * 2.0**-p for _, p in slice_positions(bits)}
+        high = lax.shift_right_logical(packed, jnp.int32(16))
+        for j, (from_high, p) in enumerate(slice_positions(bits)):
+            src = high if from_high else packed
+            in_place = (src & jnp.int32((2**bits - 1) << p)) | jnp.int32(_MAGIC_BITS)
+            q_shifted = lax.bitcast_convert_type(in_place, jnp.float32) - _MAGIC  # q * 2**p, exact
+            w = (q_shifted * scale_at[p] - zs).astype(x_ref.dtype)  # [Bw, Bn]
             # Columns w * E + j of x; rows past M and words past W read as 0, so clamped weight rows add nothing.
-            x_idx = (rows[:, None], (words * e + j)[None, :])
+            if deinterleave_x:
+                x_idx = (rows[:, None], j, words[None, :])
+            else:
+                x_idx = (rows[:, None], (words * e + j)[None, :])
             x = x_ref[x_idx] if x_mask is None else plgpu.load(x_ref.at[x_idx], mask=x_mask, other=0)
             acc = acc + plgpu.dot(x, w, precision=lax.Precision.HIGHEST)  # HIGHEST: f32 x stays out of TF32
         return acc
@@ -191,7 +222,10 @@ def quant_matmul_triton(
     num_splits = config.splits(grid_m * grid_n, pl.cdiv(num_words, block_words))
     kernel = functools.partial(
         _kernel, bits=bits, block_m=config.block_m, block_n=config.block_n, block_words=block_words,
-        group_words=group_words, one_group_per_step=one_group_per_step, num_splits=num_splits)
+        group_words=group_words, one_group_per_step=one_group_per_step, num_splits=num_splits,
+        deinterleave_x=config.deinterleave_x)
+    if config.deinterleave_x:
+        x = x.reshape(m, num_words, 32 // bits).transpose(0, 2, 1)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
     else:

@@ -65,6 +65,7 @@ KERNEL_CASES = [
     (200, 384, 80, 128, 8, False, jnp.bfloat16, jnp.float16, None),  # larger-M shape, M past the 64-row tile
     (1, 96, 48, 32, 8, False, jnp.float32, jnp.float32, QuantMatmulConfig(block_words=16, num_splits=2)),
     (64, 320, 64, None, 8, False, jnp.bfloat16, jnp.float32, None),  # per-channel int8, K a part tile
+    (70, 320, 64, None, 4, False, jnp.float32, jnp.float32, None),  # larger-M shape, ragged K, deinterleaved x
     (3, 448, 40, 64, 4, True, jnp.bfloat16, jnp.float16, SMALL),  # group 64 = 8 words: gathered group rows
     (16, 1024, 32, 128, 4, False, jnp.float32, jnp.float16, QuantMatmulConfig(target_programs=4,
                                                                                min_split_tiles=1)),  # auto split
@@ -127,7 +128,8 @@ def test_config_checks_and_step():
     assert config.step_words(group_words=4, num_groups=8) == (16, False)  # int4 group 32: 4 groups per step
     assert config.step_words(group_words=25, num_groups=1) == (64, True)  # per-channel
     assert QuantMatmulConfig.for_rows(1).block_m == 16 and QuantMatmulConfig.for_rows(40).block_m == 64
-    assert QuantMatmulConfig.for_rows(65).num_splits == 1
+    assert QuantMatmulConfig.for_rows(65).deinterleave_x and QuantMatmulConfig.for_rows(1024).block_m == 128
+    assert QuantMatmulConfig.for_rows(1024, itemsize=4).block_m == 64  # f32 x: three stages must fit shared memory
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
