@@ -14,8 +14,10 @@ without the copy bandwidth (a 4 GiB array): it checks the script, not the number
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +92,8 @@ def main(argv=None) -> dict:
                 print(f"{name:8s} {k:5d}x{n:<5d} M={m:<5d} {row['variant']:13s} {row['us']:9.1f} us  bf16 "
                       f"{row['bf16_us']:9.1f} us  x{row['speedup_vs_bf16']:.2f}  {row['packed_gbs']:7.1f} GB/s"
                       f"{fraction}", flush=True)
-    report = {"device": device_name(), "copy_bandwidth_gbs": copy_gbs, "smoke": args.smoke, "results": results}
+    report = {"device": device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "copy_bandwidth_gbs": copy_gbs, "smoke": args.smoke, "results": results}
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)

@@ -5,7 +5,8 @@ File names say what a file holds: `<op>.py` is the jitted public entry (it check
 `<op>_kernel.py` the Pallas kernel and the wrapper that builds its pallas_call, `<op>_reference.py` the pure-jnp
 oracle of the tests, `<op>_xla.py` the plain-XLA serving path of the CPU; attention_tile.py holds the building
 blocks the attention kernels share, positions.py each token's sequence and position, kv_write.py the XLA write of
-new keys and values into the pages, sharded.py the entries under tensor parallelism (shard_map over "tp").
+new keys and values into the pages, quant_pack.py the packed int4 / int8 layout of the quantized matmul,
+sharded.py the entries under tensor parallelism (shard_map over "tp").
 """
 
 from pallas_kernels.backend import resolve_backend

@@ -45,6 +45,7 @@ def slice_positions(bits: int) -> tuple[tuple[bool, int], ...]:
         positions.append((False, p) if p + bits <= _MANTISSA_BITS else (True, p - 16))
     return tuple(positions)
 
+
 @dataclasses.dataclass(frozen=True)
 class QuantMatmulConfig:
     """Tiles of the kernel. num_splits=None picks X so that the grid reaches about target_programs (two waves of an
@@ -171,8 +172,8 @@ def _kernel(
         masks = ([row_ok[:, None]] if m_total % block_m else []) + ([word_ok[None, :]] if ragged else [])
         x_mask = None if not masks else jnp.broadcast_to(functools.reduce(jnp.logical_and, masks),
                                                          (block_m, block_words))
-        # w = (q - z) * s as fma(q * 2**p, s * 2**-p, -z * s): both scalings by 2**p are exact, so this is q * s
-        # rounded once less than the reference's subtract-then-multiply; per value one LOP3, one FSUB, one FFMA.
+        # w = (q - z) * s as fma(q * 2**p, s * 2**-p, -z * s): both scalings by 2**p are exact, so one rounding of
+        # q * s - z * s (z * s rounded once per tile). Per value: one LOP3, one FSUB, one FFMA and half a convert.
         zs = zero * scale
         scale_at = {p: scale * 2.0**-p for _, p in slice_positions(bits)}
         high = lax.shift_right_logical(packed, jnp.int32(16))
