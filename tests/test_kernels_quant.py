@@ -187,15 +187,13 @@ def test_benchmark_smoke(tmp_path):
 SHARDED_CHILD = r"""
 import functools
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from pallas_kernels.quant_pack import pack_int
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.sharded import quant_matmul_sharded
 
 assert jax.device_count() == 4
 rng = np.random.default_rng(0)
-mesh = jax.make_mesh((4,), ("tp",))
-put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
 
 def case(k, n, group, bits):
     groups = k // group
@@ -205,21 +203,27 @@ def case(k, n, group, bits):
     x = jnp.asarray(rng.standard_normal((3, k)), jnp.float32)
     return x, qweight, scales, zeros
 
+for axis_type in (AxisType.Explicit, AxisType.Auto):
+    mesh = jax.make_mesh((4,), ("tp",), axis_types=(axis_type,))
+    put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+    # The interpreted kernel under one kind of mesh axes (it is slow to trace); the reference under both.
+    backends = (("reference", False), ("triton", True)) if axis_type == AxisType.Explicit else (("reference", False),)
+    with jax.set_mesh(mesh):
+        for k, n, group, bits in [(256, 64, 32, 4), (128, 32, 128, 8)]:  # grouped int4; per-channel int8
+            x, qweight, scales, zeros = case(k, n, group, bits)
+            ref = np.asarray(quant_matmul(x, qweight, scales, zeros, bits=bits, backend="reference"))
+            one_group = scales.shape[0] == 1
+            layouts = {"column": ((), (None, "tp"), (None, "tp")),
+                       "row": ((None, "tp"), ("tp", None), () if one_group else ("tp", None))}
+            for parallel, (xs, ws, ss) in layouts.items():
+                args = (put(x, *xs), put(qweight, *ws), put(scales, *ss), put(zeros, *ss))
+                for backend, interpret in backends:
+                    out = jax.jit(functools.partial(quant_matmul_sharded, bits=bits, mesh=mesh, parallel=parallel,
+                                                    backend=backend, interpret=interpret))(*args)
+                    column_split = parallel == "column" and out.sharding.spec == P(None, "tp")
+                    assert column_split or (parallel == "row" and out.sharding.is_fully_replicated), out.sharding
+                    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
 with jax.set_mesh(mesh):
-    for k, n, group, bits in [(256, 64, 32, 4), (128, 32, 128, 8)]:  # grouped int4; per-channel int8
-        x, qweight, scales, zeros = case(k, n, group, bits)
-        ref = np.asarray(quant_matmul(x, qweight, scales, zeros, bits=bits, backend="reference"))
-        one_group = scales.shape[0] == 1
-        layouts = {"column": ((), (None, "tp"), (None, "tp")),
-                   "row": ((None, "tp"), ("tp", None), () if one_group else ("tp", None))}
-        for parallel, (xs, ws, ss) in layouts.items():
-            args = (put(x, *xs), put(qweight, *ws), put(scales, *ss), put(zeros, *ss))
-            for backend, interpret in (("reference", False), ("triton", True)):
-                out = jax.jit(functools.partial(quant_matmul_sharded, bits=bits, mesh=mesh, parallel=parallel,
-                                                backend=backend, interpret=interpret))(*args)
-                column_split = parallel == "column" and out.sharding.spec == P(None, "tp")
-                assert column_split or (parallel == "row" and out.sharding.is_fully_replicated), out.sharding
-                np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
     def refused(message, *args, **knobs):
         try:
             quant_matmul_sharded(*args, bits=4, mesh=mesh, **knobs)
