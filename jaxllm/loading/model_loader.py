@@ -119,10 +119,10 @@ def read_gguf_file(path: str):
 
 def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_code: bool, kernel_backend: str,
                seed: int, quantization: str | None):
-    config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
     if quantization_method(quantization) not in (None, "gguf"):
         raise ValueError(f"quantization {quantization!r} was asked for, but {checkpoint.path} is a GGUF file "
                          f"(quantization 'gguf')")
+    config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
     if load_format == "dummy":
         return _dummy(config, dtype, mesh, kernel_backend, seed, quantization)
     return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend,
