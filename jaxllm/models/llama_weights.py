@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING
 import jax
 
 from jaxllm.model_config import ModelConfig
+from jaxllm.models.fusion import FusedProjection
 from jaxllm.models.quant_linear import quant_shapes
-from jaxllm.models.weight_map import Linear
+from jaxllm.models.weight_map import Linear, WeightRule
 
 if TYPE_CHECKING:
     from jaxllm.quantization.linear_quant import LinearQuant
-from jaxllm.models.fusion import FusedProjection
-from jaxllm.models.weight_map import WeightRule
 
 _HF = "model.layers.{i}."
 _L = "layers.{i}."

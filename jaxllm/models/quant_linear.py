@@ -82,17 +82,18 @@ class QuantLinear(nnx.Module):
                 x = jnp.take(x, self.perm[...], axis=1)
             y = _int_matmul(x, self.qweight[...].reshape(self.qweight.shape[0], -1), scales,
                             self.zeros[...].reshape(scales.shape), bits=self.quant.bits,
-                            backend=self.kernel_backend, kernel=kernel and sharding.tp_size(self.mesh) == 1)
+                            backend=self.kernel_backend, mesh=self.mesh, kernel=kernel)
         return y.reshape(*x.shape[:-1], *out_shape)
 
 
 def _int_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *, bits: int, backend: str,
-                kernel: bool) -> jax.Array:
-    """x [T, K] @ the dequantized [K, N]. Under tensor parallelism, and for the dense forward, the jnp expression:
-    GSPMD partitions it over the sharded words and groups (a Pallas call it could not), and it differentiates."""
-    if kernel:
-        return quant_matmul(x, qweight, scales, zeros, bits=bits, backend=backend)
-    return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
+                mesh: Mesh | None, kernel: bool) -> jax.Array:
+    """x [T, K] @ the dequantized [K, N]. For the dense forward (`kernel=False`) and under tensor parallelism, the
+    jnp expression: it differentiates, and GSPMD partitions it over the sharded words and groups, which it cannot
+    do to a Pallas call."""
+    if not kernel or sharding.tp_size(mesh) > 1:
+        return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
+    return quant_matmul(x, qweight, scales, zeros, bits=bits, backend=backend)
 
 
 def _fp8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, dynamic_activations: bool,
