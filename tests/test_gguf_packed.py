@@ -11,8 +11,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from gguf_writer import FIXTURES, GGUF_LAYER, L, write_tiny_gguf
+from jaxllm import LLM, SamplingParams
 from jaxllm.default_model import default_model_path
 from jaxllm.loading.gguf import read_gguf
+from jaxllm.models.quant_linear import quantized_paths
 from jaxllm.quantization.gguf_format import GROUP, decode_blocks, gguf_quant_format, packed_arrays
 from jaxllm.quantization.linear_quant import LinearQuant
 from pallas_kernels import quant_matmul_reference
@@ -206,13 +208,15 @@ def test_default_model_linears_are_q4_1_read_packed(smollm2):
         np.testing.assert_allclose(got, dense, rtol=0, atol=8 * F32_EPS * np.abs(dense).max(), err_msg=module)
 
 
-@pytest.mark.skip(reason="needs the quantized model plumbing")
 def test_default_model_served_packed_generates_todays_greedy_text():
-    from jaxllm import LLM, SamplingParams
-
     ref = json.loads((FIXTURES / "smollm2_gguf.json").read_text())
     with LLM(model=default_model_path(), dtype="float32", enforce_eager=True, max_model_len=256,
              kv_cache_memory_bytes=1 << 24, max_num_seqs=4) as llm:
+        assert llm.llm_engine.quantization == "gguf"
+        # Every projection packed, fused as the model runs them (q/k/v and gate/up are one matmul each).
+        packed = quantized_paths(llm.model)
+        assert packed == {f"layers.{i}.{p}" for i in range(30)
+                          for p in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
         params = SamplingParams(temperature=0, max_tokens=len(ref["greedy_new_ids"]), ignore_eos=True)
         out = llm.generate({"prompt_token_ids": ref["chat_prompt_ids"]}, params, use_tqdm=False)[0].outputs[0]
     # The dequantized path's greedy ids (tests/test_models_gguf.py checks it against transformers).
