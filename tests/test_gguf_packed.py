@@ -210,7 +210,7 @@ def test_default_model_linears_are_q4_1_read_packed(smollm2):
 
 def test_default_model_served_packed_generates_todays_greedy_text():
     ref = json.loads((FIXTURES / "smollm2_gguf.json").read_text())
-    with LLM(model=default_model_path(), dtype="float32", enforce_eager=True, max_model_len=256,
+    with LLM(model=default_model_path(), dtype="float32", quantization="gguf", enforce_eager=True, max_model_len=256,
              kv_cache_memory_bytes=1 << 24, max_num_seqs=4) as llm:
         assert llm.llm_engine.quantization == "gguf"
         # Every projection packed, fused as the model runs them (q/k/v and gate/up are one matmul each).
@@ -221,3 +221,12 @@ def test_default_model_served_packed_generates_todays_greedy_text():
         out = llm.generate({"prompt_token_ids": ref["chat_prompt_ids"]}, params, use_tqdm=False)[0].outputs[0]
     # The dequantized path's greedy ids (tests/test_models_gguf.py checks it against transformers).
     assert out.token_ids == ref["greedy_new_ids"]
+
+
+def test_default_model_on_a_backend_without_the_kernel_loads_dense_unless_asked():
+    """On CPU the quantized matmul is its jnp expression, which dequantizes every weight each step: the file is
+    dequantized once instead, unless quantization="gguf" asks for it packed (the test above)."""
+    with LLM(model=default_model_path(), dtype="float32", enforce_eager=True, max_model_len=64,
+             kv_cache_memory_bytes=1 << 22, max_num_seqs=2) as llm:
+        assert llm.llm_engine.quantization is None
+        assert not quantized_paths(llm.model)

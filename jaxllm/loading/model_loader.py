@@ -6,11 +6,13 @@ jaxllm has no pickle reader at all, so `allow_pickle=True` changes only the erro
 convert the checkpoint to safetensors instead.
 
 Quantization: an HF directory's format is `detect_format(config.json, quantization)` (its quantization_config
-checked against what the user asked for), a GGUF file's `gguf_quant_format` (its Q4_0 / Q4_1 / Q8_0 linears);
-None from either loads dense, as an unquantized checkpoint. Dummy weights are quantized only when asked.
+checked against what the user asked for), a GGUF file's `gguf_quant_format` (its Q4_0 / Q4_1 / Q8_0 linears:
+packed where the backend has the quantized kernel or `quantization="gguf"` asks, else dequantized once); None from
+either loads dense, as an unquantized checkpoint. Dummy weights are quantized only when asked.
 """
 
 import json
+import logging
 import os
 
 from jaxllm.config import LOAD_FORMATS, quantization_method
@@ -27,8 +29,10 @@ from jaxllm.quantization.gguf_format import gguf_quant_format
 from jaxllm.quantization.linear_quant import QuantFormat
 from jaxllm.sharding import make_mesh
 from jaxllm.text.tokenizer import Tokenizer
+from pallas_kernels.backend import TRITON, resolve_backend
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+logger = logging.getLogger(__name__)
 
 
 def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
@@ -125,8 +129,15 @@ def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_c
     config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
     if load_format == "dummy":
         return _dummy(config, dtype, mesh, kernel_backend, seed, quantization)
+    quant_format = gguf_quant_format(checkpoint)
+    if quant_format is not None and quantization is None and resolve_backend(kernel_backend) != TRITON:
+        # No quantized kernel on this backend: its jnp path would dequantize every weight in every step (the
+        # default model decoded 2-4x slower on CPU), so the file is dequantized once, as asked unless -q gguf.
+        logger.info("%s: GGUF linears dequantized on load (backend %s has no quantized kernel; -q gguf keeps "
+                    "them packed)", checkpoint.path, resolve_backend(kernel_backend))
+        quant_format = None
     return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend,
-                           quant_format=gguf_quant_format(checkpoint))
+                           quant_format=quant_format)
 
 
 def _dummy(config: ModelConfig, dtype: str, mesh, kernel_backend: str, seed: int, quantization: str | None):
