@@ -15,6 +15,7 @@ Quantization is round-to-nearest with jittered min/max scales, so zero points an
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import struct
 
@@ -47,12 +48,12 @@ class QuantSpec:
     ignore: tuple[str, ...] = ("lm_head",)  # compressed-tensors' ignore list
 
 
-def groups_of_rows(k: int, spec: QuantSpec, rng: np.random.Generator) -> np.ndarray:
-    """g_idx [K]: k // G, or with act-order GPTQ's grouping of the rows taken in a random activation order."""
+def groups_of_rows(k: int, spec: QuantSpec, order: np.ndarray | None) -> np.ndarray:
+    """g_idx [K]: k // G, or with act-order GPTQ's grouping of the rows taken in activation order `order` (the
+    i-th row quantized is order[i], in group i // G)."""
     g = k if spec.group_size == -1 else spec.group_size
     if not spec.act_order or g == k:
         return np.arange(k) // g
-    order = rng.permutation(k)  # GPTQ's perm: the i-th row quantized is order[i], in group i // G
     g_idx = np.empty(k, np.int64)
     g_idx[order] = np.arange(k) // g
     return g_idx
@@ -100,12 +101,13 @@ def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(pack_columns(values.T, bits).T)
 
 
-def quantize_linear(w: np.ndarray, spec: QuantSpec, rng: np.random.Generator):
-    """One HF linear weight [N, K] -> ({tensor suffix: stored array}, dequantized [N, K] float32)."""
+def quantize_linear(w: np.ndarray, spec: QuantSpec, rng: np.random.Generator, order: np.ndarray | None = None):
+    """One HF linear weight [N, K] -> ({tensor suffix: stored array}, dequantized [N, K] float32). With act-order,
+    `order` (default: random) is the activation order, which linears reading the same input share."""
     n, k = w.shape
     if spec.method == "compressed-tensors" and spec.ct_format == "float-quantized":
         return _quantize_fp8(w, spec, rng)
-    g_idx = groups_of_rows(k, spec, rng)
+    g_idx = groups_of_rows(k, spec, rng.permutation(k) if order is None else order)
     if spec.method == "awq":
         q, zeros, scales, deq = quantize_int(w, g_idx, spec.bits, spec.symmetric, np.float16, rng)
         tensors = {"qweight": pack_columns(q.T, spec.bits, AWQ_ORDER), "scales": scales.T}
@@ -190,11 +192,14 @@ def write_quantized_pair(src: pathlib.Path, dst: pathlib.Path, spec: QuantSpec,
     and the same model with the dequantized weights in float32 (other tensors unchanged, float32 there)."""
     rng = np.random.default_rng(seed)
     source = SafetensorsSource.from_dir(str(src))
-    quant, ref = {}, {}
+    quant, ref, orders = {}, {}, {}
     for name in sorted(source.keys()):
         value = source.read(name)
         if _quantized(name, spec):
-            stored, deq = quantize_linear(value.astype(np.float32), spec, rng)
+            # GPTQ's act-order sorts by the input's Hessian, so linears of one input (q/k/v, gate/up) share it.
+            shared = re.sub(r"(q|k|v)_proj|(gate|up)_proj", lambda m: "qkv" if m[1] else "gate_up", name)
+            order = orders.setdefault(shared, rng.permutation(value.shape[1]))
+            stored, deq = quantize_linear(value.astype(np.float32), spec, rng, order)
             module = name.removesuffix(".weight")
             quant |= {f"{module}.{suffix}": array for suffix, array in stored.items()}
             ref[name] = deq
