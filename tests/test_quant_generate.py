@@ -21,11 +21,15 @@ FORMATS = {
     "ct-int8-channel": QuantSpec("compressed-tensors", bits=8, group_size=-1, symmetric=True),
     "ct-int8-naive": QuantSpec("compressed-tensors", ct_format="naive-quantized", bits=8, group_size=-1),
     "ct-fp8-channel": QuantSpec("compressed-tensors", ct_format="float-quantized"),
+    "ct-fp8-tensor-dynamic": QuantSpec("compressed-tensors", ct_format="float-quantized", fp8_per_tensor=True,
+                                       dynamic_activations=True),
 }
 # Every format on Llama; the tied and q/k-norm families with one format of each tool.
-CASES = [("llama3", f) for f in FORMATS] + [(fam, f) for fam in ("qwen2", "qwen3")
-                                            for f in ("awq", "gptq-actorder", "ct-int4-group")]
-
+CASES = [("llama3", f) for f in FORMATS if f != "ct-int4-head"] + [
+    (fam, f) for fam in ("qwen2", "qwen3") for f in ("awq", "gptq-actorder", "ct-int4-group")] + [
+    pytest.param("llama3", "ct-int4-head", marks=pytest.mark.xfail(
+        strict=True, raises=ValueError, reason="the model reads lm_head dense only: 'lm_head.weight_packed' is an "
+                                               "unexpected checkpoint tensor"))]
 
 def greedy(model_dir) -> list[list[int]]:
     llm = LLM(model=str(model_dir), **TINY)
