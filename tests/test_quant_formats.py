@@ -165,10 +165,19 @@ def test_written_checkpoint_pair_round_trips(tmp_path):
         np.testing.assert_array_equal(np.asarray(f.get_tensor(f"{MODULE}.qweight")), src.read(f"{MODULE}.qweight"))
     modules = [f"model.layers.{i}.{lin}" for i in range(config["num_hidden_layers"]) for lin in LINEARS]
     consumed = {t for m in modules for t in fmt.tensor_names(m)}
+    perms = {}
     for m in modules:
         n, k = ref.shape(f"{m}.weight")
         quant = fmt.linear_quant(m, k, n)
-        np.testing.assert_array_equal(canonical_to_hf(fmt.read(src, m, quant, k, n), quant), ref.read(f"{m}.weight"))
+        arrays = fmt.read(src, m, quant, k, n)
+        np.testing.assert_array_equal(canonical_to_hf(arrays, quant), ref.read(f"{m}.weight"))
+        perms[m] = arrays["perm"]
+    for i in range(config["num_hidden_layers"]):  # one fused matmul per input needs one order of its columns
+        p = f"model.layers.{i}."
+        for a, b in (("self_attn.q_proj", "self_attn.k_proj"), ("self_attn.q_proj", "self_attn.v_proj"),
+                     ("mlp.gate_proj", "mlp.up_proj")):
+            np.testing.assert_array_equal(perms[p + a], perms[p + b])
+        assert not np.array_equal(perms[p + "self_attn.q_proj"], perms[p + "self_attn.o_proj"])
     rest = set(src.keys()) - consumed
     assert rest == set(ref.keys()) - {f"{m}.weight" for m in modules}
     assert any(name.endswith("q_proj.bias") for name in rest)  # qwen2's biases stay plain tensors

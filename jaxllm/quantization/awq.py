@@ -31,7 +31,9 @@ def _first(config: dict, keys: tuple[str, ...], default=None):
 class AWQFormat:
     bits: int
     group_size: int  # -1: per channel
-    zero_point: bool  # False: symmetric, every zero is 2**(bits - 1)
+    # False: symmetric. AutoAWQ's GEMM packer always packs zeros, so such a checkpoint may carry qzeros (then read)
+    # or not (then every zero is 2**(bits - 1), the middle of the range).
+    zero_point: bool
     modules_to_not_convert: tuple[str, ...] = ()
     name: str = "awq"
     can_dequantize: bool = False

@@ -39,6 +39,7 @@ _UNPACKED = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
 class Scheme:
     """One config group's weights, validated: what its linears are."""
 
+    field: str  # "quantization_config.config_groups.<key>", for messages
     targets: tuple[str, ...]
     kind: str  # "int" or "fp8"
     bits: int
@@ -69,7 +70,7 @@ class Scheme:
             if acts is not None and not (acts.get("dynamic") is True and acts.get("strategy") == "token"):
                 raise ValueError(f"{field}.input_activations = {acts!r} is not supported; fp8 inputs are "
                                  "quantized dynamically per token (dynamic: true, strategy: token) or not at all")
-            return cls(_targets(group, field), "fp8", 8, strategy, None, True, False, dynamic)
+            return cls(field, _targets(group, field), "fp8", 8, strategy, None, True, False, dynamic)
         if wtype != "int":
             raise ValueError(f"{field}.weights.type = {wtype!r} is not supported by the {fmt} format")
         if acts is not None:
@@ -86,13 +87,13 @@ class Scheme:
             raise ValueError(f"{field}.weights.group_size is missing for the group strategy")
         # "weight" order reorders rows only while quantizing: groups stay contiguous and no g_idx is saved.
         act_order = strategy == "group" and actorder in (True, "group", "dynamic")
-        return cls(_targets(group, field), "int", bits, strategy, group_size, bool(weights.get("symmetric", True)),
-                   act_order, False)
+        return cls(field, _targets(group, field), "int", bits, strategy, group_size,
+                   bool(weights.get("symmetric", True)), act_order, False)
 
     def linear_quant(self, module: str, in_features: int) -> LinearQuant:
         if self.kind == "fp8":
             return LinearQuant("fp8", 8, in_features, dynamic_activations=self.dynamic_activations)
-        group = resolve_group_size(self.group_size, in_features, "quantization_config weights.group_size", module)
+        group = resolve_group_size(self.group_size, in_features, f"{self.field}.weights.group_size", module)
         e = 32 // self.bits
         if in_features % e:
             raise ValueError(f"{module}'s {in_features} input features do not pack into words of {e}")
@@ -205,7 +206,8 @@ def _read_fp8(source: TensorSource, module: str, scheme: Scheme, k: int, n: int)
     if scheme.strategy == "channel":
         scales = read_tensor(source, scale_name, (n, 1), _FLOAT_DTYPES).reshape(1, n)
     else:
-        shape = tuple(source.shape(scale_name)) if scale_name in source.keys() else (1,)
-        scales = read_tensor(source, scale_name, shape if shape in ((), (1,)) else (1,), _FLOAT_DTYPES)
+        # llm-compressor writes a per-tensor scale as [1]; a 0-d scalar means the same.
+        scalar = scale_name in source.keys() and tuple(source.shape(scale_name)) == ()
+        scales = read_tensor(source, scale_name, () if scalar else (1,), _FLOAT_DTYPES)
         scales = np.broadcast_to(scales.reshape(1, 1), (1, n))
     return {"weight": np.ascontiguousarray(weight.T), "scales": scales.astype(np.float32)}
