@@ -212,7 +212,8 @@ def test_detect_format_reads_the_checkpoint_and_checks_the_request():
     ({"quant_method": "awq", "bits": 3, "group_size": 32, "version": "gemm"}, "bits"),
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "checkpoint_format"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {"-:.*down": {}}}, "dynamic"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {r".*down": {"bits": 3}}}, "dynamic"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {r".*down": {"damp": 0.1}}}, "dynamic"),
     (quantization_config(QuantSpec("compressed-tensors")) | {"format": "int-quantized"}, "format"),
     (quantization_config(QuantSpec("compressed-tensors")) | {"config_groups": {"group_0": {
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "block"}}}}, "strategy"),
@@ -307,6 +308,15 @@ def test_which_modules_are_quantized():
     gptq = detect_format({"quantization_config": quantization_config(QuantSpec("gptq"))}, None)
     assert gptq.linear_quant("lm_head", 64, 512) is None
     assert gptq.linear_quant(MODULE, 128, 64) == LinearQuant("int", 4, 32)
+    # GPTQModel's per-module overrides: the first matching pattern wins; "-:" leaves a module dense.
+    dynamic = {r"-:model\.layers\.0\.": {}, r"+:.*down_proj": {"bits": 8, "group_size": 64, "desc_act": True},
+               r".*proj": {"group_size": -1}}
+    gptq = detect_format({"quantization_config": quantization_config(QuantSpec("gptq")) | {"dynamic": dynamic}},
+                         None)
+    assert gptq.linear_quant(MODULE, 128, 64) is None
+    assert gptq.linear_quant("model.layers.1.mlp.down_proj", 128, 64) == LinearQuant("int", 8, 64, act_order=True)
+    assert gptq.linear_quant("model.layers.1.mlp.up_proj", 128, 256) == LinearQuant("int", 4, 128)  # per channel
+    assert gptq.linear_quant("model.layers.1.self_attn.q_proj", 64, 256) == LinearQuant("int", 4, 64)
 
 
 def test_fp8_scales_broadcast_per_tensor():

@@ -12,6 +12,7 @@ the activations' columns in that order (`perm`), as vLLM's Marlin path does.
 """
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from jaxllm.quantization.checkpoint_reading import (
 from jaxllm.quantization.linear_quant import LinearQuant
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+_OVERRIDES = ("bits", "group_size", "desc_act", "sym")
 _FLOAT_DTYPES = (np.float16, np.float32, "bfloat16")
 
 
@@ -37,6 +39,9 @@ class GPTQFormat:
     desc_act: bool
     checkpoint_format: str  # "gptq": stored zeros are zero - 1; "gptq_v2": the zeros
     lm_head: bool = False  # GPTQModel's flag: the head is quantized too
+    # GPTQModel's `dynamic` {regex: overrides}, in order: a "-:" pattern leaves the modules it matches dense, any
+    # other ("+:" or bare) gives them its bits / group_size / desc_act; the first match wins, as vLLM reads it.
+    dynamic: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     name: str = "gptq"
     can_dequantize: bool = False
 
@@ -47,20 +52,32 @@ class GPTQFormat:
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"quantization_config.checkpoint_format = {checkpoint_format!r} is not supported; "
                              f"expected one of {CHECKPOINT_FORMATS}")
-        if config.get("dynamic"):
-            raise ValueError("quantization_config.dynamic (GPTQModel's per-module overrides) is not supported")
+        dynamic = tuple((pattern, tuple(_overrides(pattern, overrides).items()))
+                        for pattern, overrides in (config.get("dynamic") or {}).items())
         return cls(bits, config.get("group_size", -1), bool(config.get("desc_act", False)), checkpoint_format,
-                   bool(config.get("lm_head", False)))
+                   bool(config.get("lm_head", False)), dynamic)
+
+    def _module_config(self, module: str) -> dict | None:
+        """bits, group_size and desc_act of `module`; None when `dynamic` leaves it dense."""
+        base = {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act}
+        for pattern, overrides in self.dynamic:
+            if pattern.startswith("-:"):
+                if re.match(pattern[2:], module):
+                    return None
+            elif re.match(pattern.removeprefix("+:"), module):
+                return base | dict(overrides)
+        return base
 
     def linear_quant(self, module: str, in_features: int, out_features: int) -> LinearQuant | None:
-        if module == "lm_head" and not self.lm_head:
+        own = self._module_config(module)
+        if (module == "lm_head" and not self.lm_head) or own is None:
             return None
-        group = resolve_group_size(self.group_size, in_features, "quantization_config.group_size", module)
-        e = 32 // self.bits
+        group = resolve_group_size(own["group_size"], in_features, "quantization_config.group_size", module)
+        e = 32 // own["bits"]
         if out_features % e or in_features % e:
             raise ValueError(f"{module}'s shape [{in_features}, {out_features}] does not pack into words of {e}")
         # One group has no order to restore (vLLM turns desc_act off for per-channel checkpoints too).
-        return LinearQuant("int", self.bits, group, act_order=self.desc_act and group != in_features)
+        return LinearQuant("int", own["bits"], group, act_order=bool(own["desc_act"]) and group != in_features)
 
     def tensor_names(self, module: str) -> tuple[str, ...]:
         return tuple(f"{module}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx"))
@@ -86,3 +103,13 @@ class GPTQFormat:
                 raise ValueError(f"checkpoint tensor {g_name!r} is not k // group_size, but quantization_config."
                                  "desc_act is false")
         return int_arrays(values, scales, zeros, quant.bits, None)
+
+
+def _overrides(pattern: str, overrides: dict) -> dict:
+    field = f"quantization_config.dynamic[{pattern!r}]"
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise ValueError(f"{field} overrides {unknown}; only {_OVERRIDES} are supported")
+    if "bits" in overrides:
+        check_bits(overrides["bits"], f"{field}.bits")
+    return {k: v for k, v in overrides.items() if k != "sym"}  # sym changes nothing a reader does: zeros are stored
