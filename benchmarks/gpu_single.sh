@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_single.sh hf        # Hugging Face generate() and jaxllm on the same requests
 #   bash benchmarks/gpu_single.sh loading   # a real safetensors checkpoint: load_model, device memory, start-up
 #   bash benchmarks/gpu_single.sh t2        # T2: random 1024/1024 and 128/2048 x 1000
+#   bash benchmarks/gpu_single.sh quant     # W4A16 kernels alone, then 8B decode / TTFT: bf16, AWQ, GPTQ layouts
+#   bash benchmarks/gpu_single.sh quant-t   # T1 and T3-500 of 8B W4A16 (AWQ layout) and bf16
+#   bash benchmarks/gpu_single.sh quant-70b # Llama-3.1-70B W4A16 on one GPU: batch-1 and batch-64 decode
 # startup, serving and loading need the server's wheels the GPU image lacks (fastapi, uvicorn, ...) in .whl/
 # (README "Benchmarks"). verify needs the previous code in .baseline/, made here before the call:
 #   mkdir .baseline && git archive <commit> jaxllm pallas_kernels benchmarks | tar -x -C .baseline
@@ -18,7 +21,7 @@
 # checkout ignores it, carry it too). The baseline runs from inside .baseline/: `python -m` puts the working
 # directory ahead of PYTHONPATH, so PYTHONPATH=.baseline alone would import the current code.
 set -uo pipefail
-suite=${1:?table, verify, kernels, profile, startup, serving, hf, loading or t2}
+suite=${1:?table, verify, kernels, profile, startup, serving, hf, loading, t2, quant, quant-t or quant-70b}
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 results=$(cd "$OUT" && pwd)  # JSON files land in $OUT as they are made, so a run cut short still returns them
 exec > >(tee "$results/$suite.log") 2>&1
@@ -171,6 +174,25 @@ t2)  # T2: decode-heavy offline throughput with its roofline
         --num-prompts 1000 --output-json "$results/t2_1024.json"
     step t2-2048 280 python3 -m benchmarks.throughput "${dummy[@]}" --input-len 128 --output-len 2048 \
         --num-prompts 1000 --output-json "$results/t2_2048.json"
+    ;;
+quant)  # weight-only int4 against bf16, same call: the kernel at each projection shape, then whole decode steps
+    step quant-kernel 150 python3 -m benchmarks.quant_kernel --output-json "$results/quant_kernel.json"
+    for q in none awq gptq; do
+        flag=() && [ $q != none ] && flag=(--quantization $q)
+        step "latency-$q" 140 python3 -m benchmarks.latency "${flag[@]}" --cases 1x1024,16x1024,64x1024,256x1024 \
+            --output-json "$results/latency_$q.json"
+    done
+    ;;
+quant-t)  # offline throughput of the W4A16 8B against bf16
+    step t1-awq 170 python3 -m benchmarks.throughput "${dummy[@]}" --quantization awq --input-len 1024 \
+        --output-len 128 --num-prompts 1000 --output-json "$results/t1_awq.json"
+    step t3-500-awq 100 python3 -m benchmarks.throughput "${dummy[@]}" --quantization awq --dataset sharegpt-like \
+        --num-prompts 500 --no-roofline --output-json "$results/t3_500_awq.json"
+    t3_500_of current 100
+    ;;
+quant-70b)  # Llama-3.1-70B W4A16 (~37 GB packed) on one card, against its W4A16 roofline
+    step 70b-awq 400 python3 -m benchmarks.latency --model benchmarks/configs/llama-3.1-70b --quantization awq \
+        --cases 1x1024,64x1024 --ttft-repeats 3 --output-json "$results/latency_70b_awq.json"
     ;;
 *)
     echo "unknown suite: $suite"

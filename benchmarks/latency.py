@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", "-q", default=None, help="with --load-format dummy: random packed weights")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--kernel-backend", default="auto")
@@ -132,7 +133,8 @@ def main(argv=None) -> dict:
           f"{flops / 1e12:.0f} TFLOP/s")
     start = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                    enforce_eager=True, skip_tokenizer_init=True, max_model_len=16384,
+                                    quantization=args.quantization, enforce_eager=True, skip_tokenizer_init=True,
+                                    max_model_len=16384,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                     kernel_backend=args.kernel_backend,
                                     async_scheduling=not args.no_async_scheduling,
@@ -171,7 +173,7 @@ def main(argv=None) -> dict:
             for device in trace_summary.summarize(trace_dir, top=5, annotation="ttft")["devices"]:
                 print(f"  trace {trace_dir}, TTFT window, {trace_summary.one_line(device)}", flush=True)
     result = {"card": roofline.device_name(), "copy_bandwidth": bandwidth, "matmul_rate": flops,
-              "weight_bytes_read": costs.read_bytes, "rows": rows}
+              "weight_bytes_read": costs.read_bytes, "quantization": args.quantization, "rows": rows}
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

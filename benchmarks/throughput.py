@@ -92,6 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default=None)
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", "-q", default=None, help="with --load-format dummy: random packed weights")
     parser.add_argument("--dataset", choices=["random", "sharegpt-like"], default="random")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
@@ -121,7 +122,8 @@ def main(argv=None) -> dict:
         print(f"copy bandwidth {bandwidth / 1e12:.3g} TB/s, bf16 matmul {flops / 1e12:.3g} TFLOP/s", flush=True)
 
     start = time.perf_counter()
-    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
+              max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager, seed=args.seed,
               skip_tokenizer_init=args.skip_tokenizer_init, tensor_parallel_size=args.tensor_parallel_size)

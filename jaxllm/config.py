@@ -7,6 +7,9 @@ from jaxllm.option import human_int, option, option_of
 from pallas_kernels.backend import BACKENDS
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# `quantization`: None takes the checkpoint's; vLLM's Marlin names are aliases (the kernels are pallas_kernels').
+QUANTIZATION_METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 BLOCK_SIZES = (8, 16, 32, 64)
 
 # On CPU there is no device memory to measure: the KV cache gets this many bytes unless configured.
@@ -24,7 +27,10 @@ class EngineConfig:
     model: str | None = option(None, help="model directory or .gguf file; default: SmolLM2-135M-Instruct")
     tokenizer: str | None = option(None, help="tokenizer directory or .gguf file; default: the model's")
     dtype: str = option("auto", choices=DTYPE_CHOICES, help="weight and activation dtype; auto: the checkpoint's")
-    quantization: str | None = option(None, flags=("-q",), help="gguf: the checkpoint is dequantized on load")
+    quantization: str | None = option(None, flags=("-q",), choices=(*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES),
+                                      help="the checkpoint's quantization method (default: config.json's "
+                                           "quantization_config, or the GGUF file's types); with --load-format dummy, "
+                                           "random weights quantized so")
     tensor_parallel_size: int = option(1, flags=("-tp",), help="devices the model is sharded over")
     gpu_memory_utilization: float = option(0.9, help="fraction of device memory for weights, activations and KV")
     max_model_len: int | None = option(None, type=human_int, help="context length (4096, 4k, 32K); default: the "
@@ -72,8 +78,9 @@ class EngineConfig:
         _require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         _require(self.load_format in LOAD_FORMATS, "load_format",
                  f"must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        _require(self.quantization in (None, "gguf"), "quantization",
-                 f"{self.quantization!r} is not supported; GGUF checkpoints are dequantized on load")
+        _require(self.quantization is None or self.quantization in (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES),
+                 "quantization", f"must be one of {(*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)} or None (the "
+                                 f"checkpoint's), got {self.quantization!r}")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
@@ -109,6 +116,14 @@ class EngineConfig:
 
 # Old option names, still accepted by LLM(...) and `jaxllm serve`.
 ALIASES = {alias: f.name for f in dataclasses.fields(EngineConfig) for alias in option_of(f).aliases}
+
+
+def quantization_method(quantization: str | None) -> str | None:
+    """A `quantization` value with vLLM's aliases resolved: one of QUANTIZATION_METHODS, or None."""
+    if quantization is not None and quantization not in (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES):
+        raise ValueError(f"quantization must be one of {(*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)} or None, got "
+                         f"{quantization!r}")
+    return QUANTIZATION_ALIASES.get(quantization, quantization)
 
 
 def _require(ok: bool, field: str, message: str):

@@ -55,6 +55,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model, config.tokenizer)
         self.runner = ModelRunner(config, model, progress=progress or TqdmProgress())
         self.model_config = self.runner.model_config
+        self.quantization = self.runner.quantization  # the quantized format loaded, None for a dense model
         plan = self.runner.kv_plan
         self.max_model_len = plan.max_model_len
         self.block_manager = BlockManager(plan.num_blocks, config.block_size,

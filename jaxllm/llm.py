@@ -21,7 +21,9 @@ class LLM:
     steps with. `llm.model(ids)` (ids int32 [B, T]) is a plain causal forward without the KV cache: float32
     logits [B, T, V], differentiable with `jax.grad` / `nnx.grad`. Right-pad a batch of unequal lengths (no mask is
     needed: a position never attends to the padding after it; the padding's own logits are meaningless); left
-    padding is not supported.
+    padding is not supported. In a quantized model (`quantization=`, or a checkpoint's own) each packed projection
+    is a QuantLinear module (models/quant_linear.py) of integer or fp8 weights and float scales: `llm.model(ids)` runs
+    it as jnp, differentiable in the scales and zeros (nnx.grad's Params), never in the packed weights.
 
     To change the model, take its state out and work on a copy: `graphdef, state = nnx.split(llm.model)`, edit
     `state` or the merged module (wrap a layer, a training step), then `nnx.merge(graphdef, state)(ids)`. The

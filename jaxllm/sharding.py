@@ -41,6 +41,10 @@ PARAM_SPECS: dict[str, P] = {
     "layers.{i}.attn.qkv_proj": P(None, TP, None), "layers.{i}.mlp.gate_up_proj": P(None, TP, None),
     "layers.{i}.attn.qkv_bias": P(TP, None), "layers.{i}.mlp.gate_up_bias": P(TP, None),
 }
+# A quantized linear (models/quant_linear.py) holds these arrays in place of its dense weight, at "<weight>.<array>":
+# packed words and fp8 weights split as the weight does; scales and zeros too, and along K (row-parallel) in whole
+# groups (a single group, per-channel, is replicated); the act-order permutation is replicated.
+QUANT_ARRAYS = ("qweight", "scales", "zeros", "perm", "weight")
 _LAYER_INDEX = re.compile(r"(?<=^layers\.)\d+(?=\.)")
 # Params split over kv-heads: whole (replicated) when the kv-heads are fewer than the devices.
 KV_HEAD_PARAMS = frozenset({"k_proj", "v_proj", "k_bias", "v_bias"})
@@ -89,15 +93,37 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, config=None) -> P:
     k/v projections are replicated when kv-heads are fewer than devices. Any other axis the mesh does not divide
     evenly (a vocabulary or MLP size) stays replicated rather than fail.
     """
-    name = path.rsplit(".", 1)[-1]
-    spec = PARAM_SPECS[_LAYER_INDEX.sub("{i}", path)]
-    assert len(spec) <= len(shape), (path, spec, shape)
+    key = _LAYER_INDEX.sub("{i}", path)
+    weight, _, array = key.rpartition(".")
+    quantized = key not in PARAM_SPECS and array in QUANT_ARRAYS
+    spec = PARAM_SPECS[weight if quantized else key]
+    name = (weight if quantized else key).rsplit(".", 1)[-1]
     tp = mesh.shape[TP]
     if config is not None:
         check_tensor_parallel(config.num_q_heads, config.num_kv_heads, tp)
         if name in KV_HEAD_PARAMS and config.num_kv_heads < tp:
             return P()
+    if quantized:
+        spec = _quant_spec(path.rpartition(".")[0], array, spec, shape, tp)
+    assert len(spec) <= len(shape), (path, spec, shape)
     return P(*(axis if axis is None or shape[d] % mesh.shape[axis] == 0 else None for d, axis in enumerate(spec)))
+
+
+def _quant_spec(linear: str, array: str, weight_spec: P, shape: tuple[int, ...], tp: int) -> P:
+    """The spec of a quantized linear's array from its dense weight's; ValueError naming the layer where a
+    row-parallel split would cut a group or a packed word."""
+    if array == "perm":
+        return P()
+    if not weight_spec or weight_spec[0] != TP:  # column-parallel: every array splits along N as the weight
+        return weight_spec
+    rows = shape[0]
+    if array in ("scales", "zeros") and rows == 1:
+        return P()
+    if rows % tp:
+        what = "groups of scales" if array in ("scales", "zeros") else f"rows of {array}"
+        raise ValueError(f"{linear}: its {rows} {what} along the input features do not divide over "
+                         f"tensor_parallel_size ({tp}); a row-parallel shard must hold whole groups")
+    return weight_spec
 
 
 def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh, config=None) -> NamedSharding:

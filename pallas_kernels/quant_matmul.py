@@ -8,11 +8,13 @@ import functools
 
 import jax
 
+from pallas_kernels.backend import TRITON, resolve_backend
+from pallas_kernels.quant_matmul_kernel import QuantMatmulConfig, quant_matmul_triton
 from pallas_kernels.quant_matmul_reference import quant_matmul_reference
 from pallas_kernels.quant_pack import values_per_word
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "backend", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "backend", "config", "interpret"))
 def quant_matmul(
     x: jax.Array,  # [M, K] activations (bf16 / f16 / f32)
     qweight: jax.Array,  # i32[K / E, N]
@@ -21,10 +23,16 @@ def quant_matmul(
     *,
     bits: int,
     backend: str = "auto",
+    config: QuantMatmulConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [M, N] in x's dtype
     """x @ dequantize(qweight, scales, zeros). backend: pallas_kernels.backend's names; the Pallas kernel runs on
-    "triton", every other backend runs the jnp expression (quant_matmul_reference.py)."""
+    "triton" ("auto" on a GPU), every other backend runs the jnp expression (quant_matmul_reference.py).
+    config: the kernel's tiles (default: QuantMatmulConfig.for_rows(M, x's itemsize)); interpret: the kernel in the CPU
+    interpreter (tests)."""
+    if x.ndim != 2 or qweight.ndim != 2 or scales.ndim != 2:
+        raise ValueError(f"expected x [M, K], qweight [K / E, N], scales [K / G, N]; got x {x.shape}, "
+                         f"qweight {qweight.shape}, scales {scales.shape}")
     m, k = x.shape
     e = values_per_word(bits)
     if qweight.shape[0] * e != k:
@@ -32,5 +40,10 @@ def quant_matmul(
     if scales.shape != zeros.shape or scales.shape[1] != qweight.shape[1] or k % scales.shape[0]:
         raise ValueError(f"scales {scales.shape} and zeros {zeros.shape} are not [K / G, N] groups of "
                          f"qweight {qweight.shape} (K = {k})")
-    del backend, interpret  # the kernel joins here
-    return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
+    if (k // scales.shape[0]) % e:
+        raise ValueError(f"groups of {k // scales.shape[0]} rows (scales {scales.shape}, K = {k}) do not hold "
+                         f"whole words of {e} values")
+    if resolve_backend(backend) != TRITON:
+        return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
+    config = config or QuantMatmulConfig.for_rows(m, x.dtype.itemsize)
+    return quant_matmul_triton(x, qweight, scales, zeros, bits=bits, config=config, interpret=interpret)

@@ -1,6 +1,6 @@
-"""The paged-attention entries (rotary + KV write, attention) under tensor parallelism: each device of the mesh's
-"tp" axis runs the unsharded entry on its own slice of heads. Attention never mixes heads, so no collective is
-needed.
+"""The paged-attention entries (rotary + KV write, attention) and the quantized matmul under tensor parallelism:
+each device of the mesh's "tp" axis runs the unsharded entry on its own slice of heads (attention never mixes
+heads, so no collective is needed) or of the packed weight (quant_matmul_sharded: column- or row-parallel).
 
 Legend: T tokens, S sequences, N q-heads, K kv-heads, H head_dim, P pages, B tokens per page, M pages per sequence.
 Layouts: q [T, N, H] and the output split over N; pages [K, P, B, H] split over K; the fused q/k/v projection
@@ -14,9 +14,12 @@ a step sharded the same way): with Explicit mesh axes, shard_map does not reshar
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.quant_matmul import quant_matmul
+from pallas_kernels.quant_pack import values_per_word
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.rotary_kv import rotary_write_kv
 
@@ -80,3 +83,54 @@ def rotary_write_kv_sharded(
         local, mesh=mesh, in_specs=(heads, replicated, replicated, pages, pages, replicated),
         out_specs=(heads, pages, pages), check_vma=False,  # a pallas_call carries no varying-axis annotation
     )(qkv, cos, sin, k_pages, v_pages, slot_mapping)
+
+
+def quant_matmul_sharded(
+    x: jax.Array,  # [M, K]: replicated (column) or K split over axis (row)
+    qweight: jax.Array,  # i32[K / E, N]: N split (column) or K / E split (row)
+    scales: jax.Array,  # [K / G, N]: split as qweight (replicated when row-parallel with one group)
+    zeros: jax.Array,  # [K / G, N]: as scales
+    *,
+    bits: int,
+    mesh: Mesh,
+    axis: str = "tp",
+    parallel: str,
+    **knobs,
+) -> jax.Array:  # [M, N]: N split over axis (column), replicated (row)
+    """quant_matmul (same keyword knobs) with the packed weight split over mesh axis `axis` as its dense twin:
+    "column" splits N (each device computes its outputs), "row" splits K in whole groups (each device its partial
+    sum of all outputs, psum'd; per-channel scales and zeros, one group, are replicated instead). The inputs must
+    already carry these shardings (see the module docstring)."""
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r}; its axes are {tuple(mesh.shape)}")
+    shards = mesh.shape[axis]
+    words, n = qweight.shape
+    k = words * values_per_word(bits)
+    groups = scales.shape[0]
+    if parallel == "column":
+        if n % shards:
+            raise ValueError(f"{n} output columns of qweight {qweight.shape} (scales {scales.shape}) do not split "
+                             f"over the {shards} devices of {axis!r}")
+        operand, weight, out = P(), P(None, axis), P(None, axis)
+        group_spec = weight
+    elif parallel == "row":
+        # One group (per-channel) covers every shard's slice of K: its scales and zeros are replicated.
+        if words % shards or (groups > 1 and groups % shards):
+            raise ValueError(f"K = {k} of qweight {qweight.shape} (scales {scales.shape}: {groups} groups) does not "
+                             f"split over the {shards} devices of {axis!r} in whole words and whole groups")
+        operand, weight, out = P(None, axis), P(axis, None), P()
+        group_spec = P() if groups == 1 else weight
+    else:
+        raise ValueError(f"parallel must be 'column' or 'row'; got {parallel!r}")
+
+    def local(x, qweight, scales, zeros):
+        y = quant_matmul(x, qweight, scales, zeros, bits=bits, **knobs)
+        if parallel == "column":
+            return y
+        # Each shard's partial output is already rounded to x's dtype; the shards add in float32.
+        return jax.lax.psum(y.astype(jnp.float32), axis).astype(y.dtype)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(operand, weight, group_spec, group_spec), out_specs=out,
+        check_vma=False,  # a pallas_call carries no varying-axis annotation
+    )(x, qweight, scales, zeros)

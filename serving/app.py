@@ -43,8 +43,10 @@ def build_app(ctx: ServerContext, options: ServerOptions, on_fatal: Callable[[Ba
                 logger.error("engine failed to start: %s: %s", type(exc).__name__, exc)
                 on_fatal(exc)
                 return
-            logger.info("engine ready in %.1f s; serving %s (max_model_len %d)", time.monotonic() - started,
-                        ", ".join(ctx.served_model_names), ctx.host.engine.max_model_len)
+            quantization = ctx.host.engine.engine.quantization  # the LLMEngine's: None for a dense model
+            logger.info("engine ready in %.1f s; serving %s (max_model_len %d, %s)", time.monotonic() - started,
+                        ", ".join(ctx.served_model_names), ctx.host.engine.max_model_len,
+                        f"quantization {quantization}" if quantization else "dense")
             if not options.disable_log_stats:
                 stats_task.append(asyncio.create_task(log_stats_forever(ctx.host.engine, STATS_INTERVAL_S)))
             on_ready()
@@ -95,7 +97,8 @@ def _add_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/v1/models")
     async def models():
         engine = ctx.host.ready_engine()
-        cards = [ModelCard(id=name, root=ctx.model_name, max_model_len=engine.max_model_len)
+        cards = [ModelCard(id=name, root=ctx.model_name, max_model_len=engine.max_model_len,
+                           quantization=engine.engine.quantization)
                  for name in ctx.served_model_names]
         return ModelList(data=cards).model_dump()
 

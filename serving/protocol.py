@@ -266,6 +266,8 @@ class ModelCard(BaseModel):
     owned_by: str = "jaxllm"
     root: str
     max_model_len: int
+    # jaxllm's own field (vLLM's card has none): the quantized format the weights were loaded in, null when dense
+    quantization: str | None = None
 
 
 class ModelList(BaseModel):

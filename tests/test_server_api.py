@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from server_harness import API_KEY, MAIN_ARGS, shared_server
+from server_harness import API_KEY, MAIN_ARGS, TINY_MODEL, shared_server
 
 pytestmark = pytest.mark.server
 
@@ -40,6 +40,7 @@ def test_models_lists_every_served_name(http):
     data = http.get("/v1/models").json()
     assert [m["id"] for m in data["data"]] == ["tiny", "tiny-alias"]
     assert all(m["max_model_len"] == 256 and m["object"] == "model" for m in data["data"])
+    assert all(m["quantization"] is None for m in data["data"])  # a dense checkpoint
     assert http.get("/version").json()["version"]
 
 
@@ -162,3 +163,17 @@ def test_cache_salt_keeps_prefix_cache_blocks_apart(http):
     same = complete(http, **body, cache_salt="tenant-a")
     assert _prefix_hits(http) > before, "the same salt reuses its own cached prefix"
     assert first["choices"][0]["text"] == other["choices"][0]["text"] == same["choices"][0]["text"]
+
+
+def test_a_quantized_model_is_reported_by_models_and_the_start_up_log(request):
+    server = shared_server(request, "--model", TINY_MODEL, "--load-format", "dummy", "-q", "awq_marlin",
+                           "--served-model-name", "tiny-awq", "--max-model-len", "256", "--enforce-eager",
+                           "--kv-cache-memory-bytes", "4M")
+    cards = httpx.get(f"{server.url}/v1/models", timeout=60).json()["data"]
+    assert [(m["id"], m["quantization"]) for m in cards] == [("tiny-awq", "awq")]  # the alias, resolved
+    log = server.log()
+    assert "(max_model_len 256, quantization awq)" in log
+    assert "MiB of it packed linears); KV cache 4.00 MiB per device" in log
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-awq", "prompt": "Hello", "max_tokens": 3,
+                                                         **GREEDY}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text

@@ -20,7 +20,9 @@ API_FLAGS = [
     ["--tokenizer", "t"], ["--dtype", "bfloat16"], ["--seed", "3"], ["--max-model-len", "4k"],
     ["--gpu-memory-utilization", "0.8"], ["--tensor-parallel-size", "2"], ["-tp", "2"],
     ["--max-num-batched-tokens", "4096"], ["--max-num-seqs", "8"], ["--block-size", "32"], ["--swap-space", "2"],
-    ["--enforce-eager"], ["--quantization", "gguf"], ["-q", "gguf"], ["--load-format", "safetensors"],
+    ["--enforce-eager"], ["--quantization", "gguf"], ["-q", "gguf"], ["-q", "awq"], ["-q", "gptq"],
+    ["-q", "awq_marlin"], ["-q", "gptq_marlin"], ["-q", "compressed-tensors"], ["-q", "fp8"],
+    ["--load-format", "safetensors"],
     ["--enable-prefix-caching"], ["--no-enable-prefix-caching"], ["--max-log-len", "100"],
     ["--enable-log-requests"], ["--disable-log-stats"], ["--api-key", "k"], ["--allowed-origins", '["https://a"]'],
     ["--allowed-methods", '["GET"]'], ["--allowed-headers", '["X-A"]'], ["--allow-credentials"],
@@ -62,6 +64,16 @@ def test_flags_reach_the_engine_config_and_the_server_options():
     assert (options.api_key, options.port) == ("k", 0)
     assert parse_args(["--max-model-len", "4k"])[0].max_model_len == 4000  # vLLM: k = 1000, K = 1024
     assert parse_args(["--model", "m"])[0].model == "m"
+
+
+def test_quantization_flag_lists_its_methods_and_refuses_others(capsys):
+    assert parse_args(["-q", "awq_marlin"])[0].quantization == "awq_marlin"  # normalized where it is loaded
+    assert parse_args([])[0].quantization is None  # the checkpoint's
+    help_text = " ".join(make_parser().format_help().split())
+    assert "-q {awq,gptq,compressed-tensors,fp8,gguf,awq_marlin,gptq_marlin}" in help_text
+    with pytest.raises(SystemExit):
+        parse_args(["-q", "bitsandbytes"])
+    assert "invalid choice: 'bitsandbytes'" in capsys.readouterr().err
 
 
 def test_every_engine_field_but_the_python_only_ones_is_a_flag():

@@ -4,12 +4,15 @@ Every param is created with `jax.make_array_from_callback` and its final shardin
 only its own shard (`read(name, index)`), so no device, and no host buffer, ever holds a full copy it does not need.
 Several params are placed at once (a thread pool), all others before the first fusion part (`create_parts_last`).
 Safetensors directories, GGUF files (whose reader yields HF names and layouts) and test fakes are all sources.
+
+A quantized model's packed linears are read by their format (a QuantFormat, jaxllm/quantization/linear_quant.py)
+as whole host arrays, then placed with their shardings; the weight map never sees the tensors the format reads.
 """
 
 import concurrent.futures
 import dataclasses
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +23,11 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.dtypes import canonical_dtype
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import create_parts_last
-from jaxllm.models.weight_map import WeightRule, name_regex
+from jaxllm.models.weight_map import Linear, WeightRule, name_regex
 from jaxllm.sharding import make_mesh, param_sharding
+
+if TYPE_CHECKING:  # linear_quant imports this module's TensorSource
+    from jaxllm.quantization.linear_quant import LinearQuant, QuantFormat
 
 # Params placed at once: each thread copies its blocks out of the checkpoint (page faults: reads from disk) while
 # others' travel to the devices; numpy's copies and JAX's transfers run outside the GIL
@@ -66,13 +72,14 @@ def resolve_dtype(dtype: str, config: ModelConfig, source: TensorSource | None =
 
 
 def plan(source: TensorSource, rules: tuple[WeightRule, ...], ignored: tuple[str, ...],
-         shapes: dict[str, tuple[int, ...]]) -> dict[str, _Piece]:
-    """Match every checkpoint tensor to params; raise on an unexpected, misshapen, duplicate or missing one."""
+         shapes: dict[str, tuple[int, ...]], consumed: frozenset[str] = frozenset()) -> dict[str, _Piece]:
+    """Match every checkpoint tensor, but those `consumed` by a quantized format, to params; raise on an unexpected,
+    misshapen, duplicate or missing one."""
     compiled = [(rule, rule.regex) for rule in rules]
     ignored_res = [name_regex(pattern) for pattern in ignored]
     pieces: dict[str, _Piece] = {}
     for name in sorted(source.keys()):
-        if any(r.match(name) for r in ignored_res):
+        if name in consumed or any(r.match(name) for r in ignored_res):
             continue
         match = next(((rule, m) for rule, regex in compiled if (m := regex.match(name))), None)
         if match is None:
@@ -103,22 +110,54 @@ def plan(source: TensorSource, rules: tuple[WeightRule, ...], ignored: tuple[str
     return pieces
 
 
-def load_params(source: TensorSource, model, *, mesh: Mesh | None = None) -> dict[str, jax.Array]:
-    """`model.checkpoint_shapes()` (its dtype is the model's) filled from `source` through `model.weight_map`, each
-    param placed on `mesh`: {dotted path: array} in the checkpoint layout, for `fuse_params`."""
+def load_params(source: TensorSource, model, *, mesh: Mesh | None = None,
+                quant_format: "QuantFormat | None" = None) -> dict[str, jax.Array]:
+    """`model.checkpoint_shapes()` (its dtype is the model's) filled from `source` through `model.weight_map`, and
+    its quantized linears (`model.quants`) through `quant_format`, each param placed on `mesh`: {dotted path:
+    array} in the checkpoint layout, for `fuse_params`."""
     mesh = make_mesh(1) if mesh is None else mesh
     shapes = model.checkpoint_shapes()
-    pieces = plan(source, model.weight_map, model.ignored_weights, {p: s.shape for p, s in shapes.items()})
-    paths = list(shapes)
+    quants = dict(model.quants)
+    assert quant_format is not None or not quants, "a quantized model needs its format to load"
+    linears = model.linears(model.config) if quants else {}
+    consumed = frozenset(name for path in quants for name in quant_format.tensor_names(linears[path].module))
+    dense = {p: s.shape for p, s in shapes.items() if p.rpartition(".")[0] not in quants}
+    pieces = plan(source, model.weight_map, model.ignored_weights, dense, consumed)
+    # One item per dense param and one per quantized linear (all its arrays), in state order.
+    items = list(dict.fromkeys(p.rpartition(".")[0] if p.rpartition(".")[0] in quants else p for p in shapes))
 
-    def create(j: int) -> jax.Array:
-        path, shape = paths[j], shapes[paths[j]]
-        where = param_sharding(path, shape.shape, mesh, model.config)
-        return _place(source, pieces[path], shape.shape, where, jnp.dtype(shape.dtype))
+    def create(j: int) -> dict[str, jax.Array]:
+        path = items[j]
+        if path in quants:
+            return _place_quantized(source, quant_format, path, linears[path], quants[path], shapes, mesh,
+                                    model.config)
+        where = param_sharding(path, shapes[path].shape, mesh, model.config)
+        return {path: _place(source, pieces[path], shapes[path].shape, where, jnp.dtype(shapes[path].dtype))}
 
     with concurrent.futures.ThreadPoolExecutor(_LOAD_THREADS) as pool:
-        params = create_parts_last(paths, model.fused_projections, create, map_fn=pool.map)
-    return dict(zip(paths, params))
+        made = create_parts_last(items, model.fused_projections, create, map_fn=pool.map)
+    params = {path: array for arrays in made for path, array in arrays.items()}
+    return {path: params[path] for path in shapes}
+
+
+def _place_quantized(source: TensorSource, quant_format: "QuantFormat", path: str, linear: Linear,
+                     quant: "LinearQuant", shapes: dict[str, jax.ShapeDtypeStruct], mesh: Mesh,
+                     config: ModelConfig) -> dict[str, jax.Array]:
+    """One quantized linear's arrays, read whole on the host by its format, each placed with its sharding."""
+    arrays = quant_format.read(source, linear.module, quant, linear.in_features, linear.out_features)
+    if set(arrays) != set(quant.arrays()):
+        raise ValueError(f"{quant_format.name} read {sorted(arrays)} for {linear.module}, expected "
+                         f"{sorted(quant.arrays())}")
+    placed = {}
+    for name, host in arrays.items():
+        want = shapes[f"{path}.{name}"]
+        if tuple(host.shape) != want.shape:
+            raise ValueError(f"{quant_format.name} read {linear.module}'s {name} with shape {tuple(host.shape)}, "
+                             f"expected {want.shape}")
+        host = np.ascontiguousarray(host.astype(want.dtype, copy=False))
+        where = param_sharding(f"{path}.{name}", want.shape, mesh, config)
+        placed[f"{path}.{name}"] = jax.make_array_from_callback(want.shape, where, lambda index, h=host: h[index])
+    return placed
 
 
 def _place(source: TensorSource, piece: _Piece, shape: tuple[int, ...], sharding: NamedSharding, dtype) -> jax.Array:

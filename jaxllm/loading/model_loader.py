@@ -4,18 +4,27 @@
 Pickled checkpoints (`.bin`, `.pt`, `.pth`) are never read: unpickling runs arbitrary code from the model directory.
 jaxllm has no pickle reader at all, so `allow_pickle=True` changes only the error (it cannot make such a load work);
 convert the checkpoint to safetensors instead.
+
+Quantization: an HF directory's format is `detect_format(config.json, quantization)` (its quantization_config
+checked against what the user asked for), a GGUF file's `gguf_quant_format` (its Q4_0 / Q4_1 / Q8_0 linears);
+None from either loads dense, as an unquantized checkpoint. Dummy weights are quantized only when asked.
 """
 
+import json
 import os
 
-from jaxllm.config import LOAD_FORMATS
+from jaxllm.config import LOAD_FORMATS, quantization_method
 from jaxllm.loading.dummy import dummy_params
 from jaxllm.loading.loader import TensorSource, load_params, resolve_dtype
+from jaxllm.loading.quantized import checkpoint_quants, dummy_quants
 from jaxllm.loading.safetensors import SafetensorsSource
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import fuse_params
-from jaxllm.models.registry import build_model
+from jaxllm.models.registry import build_model, get_model_class
 from jaxllm.models.state import fill
+from jaxllm.quantization.detect import detect_format
+from jaxllm.quantization.gguf_format import gguf_quant_format
+from jaxllm.quantization.linear_quant import QuantFormat
 from jaxllm.sharding import make_mesh
 from jaxllm.text.tokenizer import Tokenizer
 
@@ -24,23 +33,27 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
                mesh=None, trust_remote_code: bool = False, allow_pickle: bool = False,
-               kernel_backend: str = "auto", seed: int = 0):
+               kernel_backend: str = "auto", seed: int = 0, quantization: str | None = None):
     """-> (model, model_config): the model an nnx.Module whose state holds the loaded params, fused as it runs them
     (models/fusion.py), each placed with its sharding on `mesh`.
 
     `model`: an HF directory (config.json + safetensors), a `.gguf` file, a GGUF checkpoint already read with
     `read_gguf` (a caller that also needs its tokenizer reads the file once), or (dummy only) a ModelConfig.
     `load_format`: auto | safetensors | gguf | dummy (random weights made on the devices, for benchmarks).
+    `quantization`: None (the checkpoint's) or a method of jaxllm.config.QUANTIZATION_METHODS (or an alias); one the
+    checkpoint does not hold is a ValueError naming both; with dummy weights, the method they are quantized with.
+    `model.quantization` is then the name of the format loaded (None: dense).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {LOAD_FORMATS}")
     mesh = make_mesh(1) if mesh is None else mesh
+    quantization_method(quantization)  # a ValueError for an unknown name, before anything is read
     if isinstance(model, ModelConfig):
         if load_format != "dummy":
             raise ValueError("a ModelConfig carries no weights: pass load_format='dummy' or a model path")
-        return _dummy(model, dtype, mesh, kernel_backend, seed)
+        return _dummy(model, dtype, mesh, kernel_backend, seed, quantization)
     gguf_options = dict(load_format=load_format, dtype=dtype, mesh=mesh, trust_remote_code=trust_remote_code,
-                        kernel_backend=kernel_backend, seed=seed)
+                        kernel_backend=kernel_backend, seed=seed, quantization=quantization)
     if not isinstance(model, (str, os.PathLike)):
         return _from_gguf(model, **gguf_options)
     path = os.fspath(model)
@@ -52,7 +65,7 @@ def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
         raise FileNotFoundError(f"model {path!r} is not a model directory (config.json + safetensors){hint}")
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if load_format == "dummy":
-        return _dummy(config, dtype, mesh, kernel_backend, seed)
+        return _dummy(config, dtype, mesh, kernel_backend, seed, quantization)
     files = os.listdir(path)
     if not any(f.endswith(".safetensors") for f in files):
         pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
@@ -63,17 +76,23 @@ def load_model(model, *, dtype: str = "auto", load_format: str = "auto",
             raise NotImplementedError(f"allow_pickle=True, but jaxllm has no pickle reader by design; convert "
                                       f"{pickles[:3]} to safetensors")
         raise FileNotFoundError(f"no .safetensors weights in {path}")
+    with open(os.path.join(path, "config.json")) as f:
+        quant_format = detect_format(json.load(f), quantization)
     return load_checkpoint(config, SafetensorsSource.from_dir(path), dtype=dtype, mesh=mesh,
-                           kernel_backend=kernel_backend)
+                           kernel_backend=kernel_backend, quant_format=quant_format)
 
 
 def load_checkpoint(config: ModelConfig, source: TensorSource, *, dtype: str = "auto", mesh=None,
-                    kernel_backend: str = "auto"):
-    """Any tensor source with HF names + its config -> (model, model_config). GGUF callers that also need the
-    file's tokenizer read the file once and come here."""
+                    kernel_backend: str = "auto", quant_format: QuantFormat | None = None):
+    """Any tensor source with HF names + its config -> (model, model_config), the linears `quant_format` (None:
+    every one dense) stores quantized read through it. GGUF callers that also need the file's tokenizer read the
+    file once and come here."""
     mesh = make_mesh(1) if mesh is None else mesh
-    model = build_model(config, dtype=resolve_dtype(dtype, config, source), mesh=mesh, kernel_backend=kernel_backend)
-    return _filled(model, load_params(source, model, mesh=mesh), mesh), config
+    quants = {} if quant_format is None else checkpoint_quants(get_model_class(config.architecture), config,
+                                                               quant_format)
+    model = build_model(config, dtype=resolve_dtype(dtype, config, source), mesh=mesh, kernel_backend=kernel_backend,
+                        quants=quants, quantization=None if quant_format is None else quant_format.name)
+    return _filled(model, load_params(source, model, mesh=mesh, quant_format=quant_format), mesh), config
 
 
 def load_tokenizer(model, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
@@ -99,15 +118,21 @@ def read_gguf_file(path: str):
 
 
 def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_code: bool, kernel_backend: str,
-               seed: int):
+               seed: int, quantization: str | None):
+    if quantization_method(quantization) not in (None, "gguf"):
+        raise ValueError(f"quantization {quantization!r} was asked for, but {checkpoint.path} is a GGUF file "
+                         f"(quantization 'gguf')")
     config = ModelConfig.from_hf(checkpoint.hf_config, trust_remote_code=trust_remote_code)
     if load_format == "dummy":
-        return _dummy(config, dtype, mesh, kernel_backend, seed)
-    return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
+        return _dummy(config, dtype, mesh, kernel_backend, seed, quantization)
+    return load_checkpoint(config, checkpoint.tensors, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend,
+                           quant_format=gguf_quant_format(checkpoint))
 
 
-def _dummy(config: ModelConfig, dtype: str, mesh, kernel_backend: str, seed: int):
-    model = build_model(config, dtype=resolve_dtype(dtype, config), mesh=mesh, kernel_backend=kernel_backend)
+def _dummy(config: ModelConfig, dtype: str, mesh, kernel_backend: str, seed: int, quantization: str | None):
+    quants = {} if quantization is None else dummy_quants(get_model_class(config.architecture), config, quantization)
+    model = build_model(config, dtype=resolve_dtype(dtype, config), mesh=mesh, kernel_backend=kernel_backend,
+                        quants=quants, quantization=quantization_method(quantization))
     return _filled(model, dummy_params(model, mesh=mesh, seed=seed), mesh), config
 
 

@@ -13,6 +13,8 @@ heads: device d gets q-heads [d*N/tp, (d+1)*N/tp) and cache head slots [d*C/tp, 
 kv-heads those q-heads use.
 """
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,21 +26,25 @@ from jaxllm.kv_cache import AttentionMetadata
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.dense_attention import causal_attention
 from jaxllm.models.fusion import fused_shape, kv_repeats
-from jaxllm.models.layers import fused_linear, linear
-from jaxllm.models.modules import RMSNorm, param_value, zeros_param
+from jaxllm.models.modules import RMSNorm, project, projection, zeros_param
 from pallas_kernels.rotary_kv_reference import apply_rotary
+
+if TYPE_CHECKING:
+    from jaxllm.quantization.linear_quant import LinearQuant
 
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, sliding_window: int | None, dtype, mesh: Mesh | None,
-                 kernel_backend: str):
+                 kernel_backend: str, quants: "dict[str, LinearQuant]"):
+        """`quants`: how "attn.q_proj" (and so k/v: one fusion) and "attn.o_proj" are stored; absent: dense."""
         c = config
         tp = sharding.tp_size(mesh)
         shape = fused_shape((c.q_size, c.kv_size, c.kv_size), ("q_proj", "k_proj", "v_proj"), (c.hidden_size,),
                             tp=tp, kv_repeats=kv_repeats(c, tp))
-        self.qkv_proj = zeros_param(shape, dtype)  # [D, S, (N + 2C) * H / S]
+        where = dict(dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
+        self.qkv_proj = projection(quants.get("attn.q_proj"), c.hidden_size, shape[1:], **where)  # [D, S, (N+2C)H/S]
         self.qkv_bias = zeros_param(shape[1:], dtype) if c.attention_bias else None  # [S, (N + 2C) * H / S]
-        self.o_proj = zeros_param((c.q_size, c.hidden_size), dtype)  # [N*H, D]
+        self.o_proj = projection(quants.get("attn.o_proj"), c.q_size, (c.hidden_size,), **where)  # [N*H, D]
         self.o_bias = zeros_param((c.hidden_size,), dtype) if c.o_proj_bias else None  # [D]
         # Qwen3 normalizes each q and k head before the rotation so the attention logits stay bounded.
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype) if c.qk_norm else None
@@ -74,7 +80,7 @@ class Attention(nnx.Module):
         """Causal attention within each sequence, no cache: x [B, T, D] (normed), cos and sin [T, R] -> [B, T, D]."""
         b, t, _ = x.shape
         n, h = self.num_q_heads, self.head_dim
-        qkv = self._qkv(x.reshape(b * t, -1))  # [B*T, S, W]
+        qkv = self._qkv(x.reshape(b * t, -1), kernel=False)  # [B*T, S, W]
         heads = qkv.reshape(*qkv.shape[:2], -1, h)  # per shard: its q-heads, its k slots, its v slots
         q_heads = n // heads.shape[1]
         slots = (heads.shape[2] - q_heads) // 2
@@ -84,14 +90,14 @@ class Attention(nnx.Module):
         v = heads[:, :, q_heads + slots:].reshape(b * t, -1, h)
         out = causal_attention(q.reshape(b, t, n, h), k.reshape(b, t, -1, h), v.reshape(b, t, -1, h),
                                scale=h ** -0.5, sliding_window=self.sliding_window)
-        return self._out(out.reshape(b * t, n * h)).reshape(b, t, -1)
+        return self._out(out.reshape(b * t, n * h), kernel=False).reshape(b, t, -1)
 
-    def _qkv(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, S, W]
-        qkv = fused_linear(x, self.qkv_proj[...], param_value(self.qkv_bias))
+    def _qkv(self, x: jax.Array, *, kernel: bool = True) -> jax.Array:  # [T, D] -> [T, S, W]
+        qkv = project(x, self.qkv_proj, self.qkv_bias, kernel=kernel)
         return qkv if self.q_norm is None else self._norm_qk(qkv)
 
-    def _out(self, attended: jax.Array) -> jax.Array:  # [T, N*H] -> [T, D]
-        return linear(attended, self.o_proj[...], param_value(self.o_bias))
+    def _out(self, attended: jax.Array, *, kernel: bool = True) -> jax.Array:  # [T, N*H] -> [T, D]
+        return project(attended, self.o_proj, self.o_bias, kernel=kernel)
 
     def _norm_qk(self, qkv: jax.Array) -> jax.Array:
         """Each q and k head normed; qkv [T, S, W] keeps its fused layout (per shard: q heads, k heads, v heads)."""

@@ -6,6 +6,7 @@ H head_dim.
 """
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 from flax import nnx
@@ -19,18 +20,25 @@ from jaxllm.models.layers import add_rms_norm
 from jaxllm.models.modules import MLP, RMSNorm
 from jaxllm.sharding import tp_size
 
+if TYPE_CHECKING:
+    from jaxllm.quantization.linear_quant import LinearQuant
+
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, *, sliding_window: int | None, dtype, mesh: Mesh | None,
-                 kernel_backend: str):
+                 kernel_backend: str, quants: "dict[str, LinearQuant] | None" = None):
+        """`quants`: the layer's quantized linears by layer-relative checkpoint path ("attn.q_proj"); others dense."""
         c = config
+        quants = quants or {}
         tp = tp_size(mesh)
         gate_up = fused_shape((c.intermediate_size,) * 2, ("gate_proj", "up_proj"), (c.hidden_size,), tp=tp,
                               kv_repeats=kv_repeats(c, tp))
         self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.attn = Attention(c, sliding_window=sliding_window, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
+        self.attn = Attention(c, sliding_window=sliding_window, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend,
+                              quants=quants)
         self.post_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.mlp = MLP(gate_up, c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
+        self.mlp = MLP(gate_up, c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, quants=quants,
+                       mesh=mesh, kernel_backend=kernel_backend)
         self.eps, self.mesh, self.kernel_backend = c.rms_norm_eps, mesh, kernel_backend
 
     def __call__(self, k_pages: jax.Array, v_pages: jax.Array, x: jax.Array, normed: jax.Array,
@@ -52,7 +60,7 @@ class DecoderLayer(nnx.Module):
     def dense(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """The cache-free forward of whole sequences: x [B, T, D], cos and sin [T, R] -> x' [B, T, D]."""
         x = x + self.attn.dense(self.input_norm(x), cos, sin)
-        return x + self.mlp(self.post_norm(x).reshape(-1, x.shape[-1])).reshape(x.shape)
+        return x + self.mlp(self.post_norm(x).reshape(-1, x.shape[-1]), kernel=False).reshape(x.shape)
 
     def _add_norm(self, x: jax.Array, h: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
         return add_rms_norm(x, h, weight, self.eps, backend=self.kernel_backend, mesh=self.mesh)

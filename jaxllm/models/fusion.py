@@ -14,6 +14,10 @@ not divide), each holding the concatenation of every part's columns for that sha
 flattening (S, W_part) gives that part's columns in their original order, sharded over "tp" exactly as the separate
 projections were. kv-head parts (k/v) are first repeated to the KV cache's head slots (`sharding.kv_cache_heads`):
 when kv-heads are fewer than devices, each shard then computes just the kv-head its q-heads attend with.
+
+Quantized parts (models/quant_linear.py) fuse array by array the same way: their qweight [K / E, N_i], scales and
+zeros [K / G, N_i] all have the output columns last, so each becomes [K / E, S, W] / [K / G, S, W]; an act-order
+permutation of the input is one for the fused projection, and the parts must share it.
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm import sharding
@@ -90,18 +95,33 @@ def _fuse_layer(params: dict, prefix: str, fusions: tuple[FusedProjection, ...],
     tp = sharding.tp_size(mesh)
     repeats = kv_repeats(config, tp)
     for fusion in fusions:
-        present = [prefix + part in params for part in fusion.parts]
-        if not any(present):
-            continue  # e.g. the biases of a model without bias
-        assert all(present), (fusion, prefix)
-        parts = tuple(params.pop(prefix + part) for part in fusion.parts)
-        shape = fused_shape([w.shape[-1] for w in parts], fusion.parts, parts[0].shape[:-1], tp=tp,
-                            kv_repeats=repeats)
-        # One small program per distinct shape, compiled once and reused by every layer (as dummy.py does).
-        concat = jax.jit(_concatenate_shards, static_argnames=("names", "shards", "kv_repeats", "head_dim"),
-                         out_shardings=sharding.param_sharding(prefix + fusion.name, shape, mesh))
-        params[prefix + fusion.name] = concat(parts, tuple(map(_leaf, fusion.parts)), shape[-2], repeats,
-                                              config.head_dim)
+        # "" for a dense fusion, ".qweight", ".scales", ... for a quantized one
+        for suffix in ("", *(f".{array}" for array in sharding.QUANT_ARRAYS)):
+            present = [prefix + part + suffix in params for part in fusion.parts]
+            if not any(present):
+                continue  # e.g. the biases of a model without bias
+            assert all(present), (fusion, prefix, suffix)
+            parts = tuple(params.pop(prefix + part + suffix) for part in fusion.parts)
+            if suffix == ".perm":
+                params[prefix + fusion.name + suffix] = _shared_perm(parts, prefix + fusion.name)
+                continue
+            shape = fused_shape([w.shape[-1] for w in parts], fusion.parts, parts[0].shape[:-1], tp=tp,
+                                kv_repeats=repeats)
+            # One small program per distinct shape, compiled once and reused by every layer (as dummy.py does).
+            concat = jax.jit(_concatenate_shards, static_argnames=("names", "shards", "kv_repeats", "head_dim"),
+                             out_shardings=sharding.param_sharding(prefix + fusion.name + suffix, shape, mesh))
+            params[prefix + fusion.name + suffix] = concat(parts, tuple(map(_leaf, fusion.parts)), shape[-2],
+                                                           repeats, config.head_dim)
+
+
+def _shared_perm(perms: tuple[jax.Array, ...], fused: str) -> jax.Array:
+    """The one input permutation of a fused act-order projection: its parts read the same input, so GPTQ gives them
+    the same g_idx; one kernel cannot permute its input two ways."""
+    first, *others = (np.asarray(p.addressable_data(0)) for p in perms)  # replicated: any local copy is whole
+    if any(not np.array_equal(first, p) for p in others):
+        raise ValueError(f"{fused}: its parts are act-ordered differently (their g_idx differ), so they cannot "
+                         f"run as one fused projection")
+    return perms[0]
 
 
 def _leaf(path: str) -> str:

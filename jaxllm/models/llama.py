@@ -19,10 +19,12 @@ State (dotted paths; "?" = present only when the config says so):
         attn.q_norm.weight?/k_norm.weight? [H]
         mlp.gate_up_proj [D, S, 2F / S]  mlp.gate_up_bias? [S, ...]  mlp.down_proj [F, D]  mlp.down_bias? [D]
 q/k/v and gate/up are fused (models/fusion.py), so each is one matmul; the loaders fill the separate checkpoint
-layout and fuse it before the state is filled.
+layout and fuse it before the state is filled. In a quantized model a projection is a module of packed arrays
+instead (models/quant_linear.py): attn.qkv_proj.qweight [D / E, S, W], .scales / .zeros [D / G, S, W], ...
 """
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,10 @@ from jaxllm.models.fusion import FusedProjection
 from jaxllm.models.layers import rope_cos_sin, rope_inv_freq
 from jaxllm.models.modules import Embed, LMHead, RMSNorm
 from jaxllm.models.research import ResearchInputs
-from jaxllm.models.weight_map import WeightRule
+from jaxllm.models.weight_map import Linear, WeightRule
+
+if TYPE_CHECKING:
+    from jaxllm.quantization.linear_quant import LinearQuant
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -49,21 +54,34 @@ class LlamaForCausalLM(nnx.Module):
     fused_projections: ClassVar[tuple[FusedProjection, ...]] = llama_weights.FUSED_PROJECTIONS
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None = None,
-                 kernel_backend: str = "auto"):
+                 kernel_backend: str = "auto", quants: "Mapping[str, LinearQuant] | None" = None,
+                 quantization: str | None = None):
         """`mesh`: where the params live (attention runs under shard_map over its "tp" axis); `kernel_backend`:
-        pallas_kernels' backend for `step` ("auto" from the device, "reference", "xla", "triton")."""
+        pallas_kernels' backend for `step` ("auto" from the device, "reference", "xla", "triton"); `quants`: the
+        linears stored quantized, by checkpoint-layout path ("layers.3.attn.q_proj"; parts of a fusion alike),
+        the others dense; `quantization`: the format's name, for what the engine reports."""
         c = config
         self.config, self.dtype, self.mesh, self.kernel_backend = c, dtype, mesh, kernel_backend
+        # A tuple, not a dict: the module's static attributes are part of its (hashed) graph.
+        self.quants = tuple(sorted((quants or {}).items()))
+        self.quantization = quantization if self.quants else None
         self.embed = Embed(c.vocab_size, c.hidden_size, dtype, mesh)
         self.layers = nnx.List([
             DecoderLayer(c, sliding_window=c.layer_sliding_window(i), dtype=dtype, mesh=mesh,
-                         kernel_backend=kernel_backend) for i in range(c.num_layers)])
+                         kernel_backend=kernel_backend, quants=_layer_quants(quants or {}, i))
+            for i in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else LMHead(c.hidden_size, c.vocab_size, dtype)
 
     def checkpoint_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """The checkpoint layout the loaders fill (models/llama_weights.py), in the model's dtype."""
-        return llama_weights.checkpoint_shapes(self.config, self.dtype)
+        """The checkpoint layout the loaders fill (models/llama_weights.py), in the model's dtype; quantized linears
+        as their arrays."""
+        return llama_weights.checkpoint_shapes(self.config, self.dtype, dict(self.quants))
+
+    @staticmethod
+    def linears(config: ModelConfig) -> dict[str, Linear]:
+        """{checkpoint-layout path: (HF module, K, N)} of the linears a quantized checkpoint may store packed."""
+        return llama_weights.linears(config)
 
     def __call__(self, ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  return_hidden_states: bool = False):
@@ -129,3 +147,8 @@ class LlamaForCausalLM(nnx.Module):
     def _logits(self, x: jax.Array) -> jax.Array:  # [T, D] -> f32[T, V]
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
+
+
+def _layer_quants(quants: "Mapping[str, LinearQuant]", layer: int) -> "dict[str, LinearQuant]":
+    prefix = f"layers.{layer}."
+    return {path[len(prefix):]: quant for path, quant in quants.items() if path.startswith(prefix)}

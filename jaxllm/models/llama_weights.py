@@ -12,14 +12,22 @@ Checkpoint layout (dtype = the params dtype; "?" = present only when the config 
         attn.q_bias?/k_bias?/v_bias? [N*H]/[K*H]/[K*H]  attn.o_bias? [D]  attn.q_norm.weight?/k_norm.weight? [H]
         mlp.gate_proj [D, F]  mlp.up_proj [D, F]  mlp.down_proj [F, D]  mlp.gate_bias?/up_bias? [F]  mlp.down_bias? [D]
 Projections are [in, out] (HF Linear is [out, in]: the weight map transposes), and q/k/v keep heads flattened so a
-column split over "tp" is a split over heads.
+column split over "tp" is a split over heads. A projection a quantized checkpoint stores packed is, in place of its
+one param, its arrays (models/quant_linear.py): "layers.{i}.attn.q_proj.qweight", ".scales", ".zeros" (".perm").
 """
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 
 from jaxllm.model_config import ModelConfig
 from jaxllm.models.fusion import FusedProjection
-from jaxllm.models.weight_map import WeightRule
+from jaxllm.models.quant_linear import quant_shapes
+from jaxllm.models.weight_map import Linear, WeightRule
+
+if TYPE_CHECKING:
+    from jaxllm.quantization.linear_quant import LinearQuant
 
 _HF = "model.layers.{i}."
 _L = "layers.{i}."
@@ -66,8 +74,42 @@ FUSED_PROJECTIONS: tuple[FusedProjection, ...] = (
 IGNORED: tuple[str, ...] = (_HF + "self_attn.rotary_emb.inv_freq",)
 
 
-def checkpoint_shapes(c: ModelConfig, dtype) -> dict[str, jax.ShapeDtypeStruct]:
-    """{dotted path: shape} of the checkpoint layout, in state order (embed, layers, final_norm, lm_head)."""
+# The decoder's linears (a quantized checkpoint's packed ones; embed and lm_head stay dense): HF module (the name a
+# QuantFormat is asked by) -> checkpoint-layout param, layer-relative.
+LINEARS: tuple[tuple[str, str], ...] = (
+    ("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"), ("self_attn.v_proj", "attn.v_proj"),
+    ("self_attn.o_proj", "attn.o_proj"), ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
+    ("mlp.down_proj", "mlp.down_proj"),
+)
+
+
+def linears(c: ModelConfig) -> dict[str, Linear]:
+    """{checkpoint-layout path: (HF module, K in, N out)} of every decoder linear, in state order."""
+    d, f, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
+    features = {"attn.q_proj": (d, q), "attn.k_proj": (d, kv), "attn.v_proj": (d, kv), "attn.o_proj": (q, d),
+                "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+    return {f"layers.{i}.{param}": Linear(f"model.layers.{i}.{module}", *features[param])
+            for i in range(c.num_layers) for module, param in LINEARS}
+
+
+def checkpoint_shapes(c: ModelConfig, dtype,
+                      quants: "Mapping[str, LinearQuant] | None" = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """{dotted path: shape} of the checkpoint layout, in state order (embed, layers, final_norm, lm_head); each
+    linear of `quants` (checkpoint-layout path -> how it is stored) as its arrays instead of its dense weight."""
+    shapes = _dense_shapes(c, dtype)
+    if not quants:
+        return shapes
+    out = {}
+    for path, shape in shapes.items():
+        if path not in quants:
+            out[path] = shape
+            continue
+        k, n = shape.shape
+        out |= {f"{path}.{name}": s for name, s in quant_shapes(quants[path], k, (n,), dtype).items()}
+    return out
+
+
+def _dense_shapes(c: ModelConfig, dtype) -> dict[str, jax.ShapeDtypeStruct]:
     d, f, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
 
     def s(*shape):

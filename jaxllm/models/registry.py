@@ -20,8 +20,11 @@ def get_model_class(architecture: str) -> type:
     return MODELS[architecture]
 
 
-def build_model(config: ModelConfig, *, dtype=jnp.float32, mesh=None, kernel_backend: str = "auto"):
+def build_model(config: ModelConfig, *, dtype=jnp.float32, mesh=None, kernel_backend: str = "auto", quants=None,
+                quantization: str | None = None):
     """The abstract model of a config (`nnx.eval_shape`: its params are shapes, no memory), for a loader to fill
-    (models/state.py fill)."""
+    (models/state.py fill); `quants` {checkpoint-layout path: LinearQuant} its quantized linears, named by the
+    format `quantization`."""
     cls = get_model_class(config.architecture)
-    return nnx.eval_shape(lambda: cls(config, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend))
+    return nnx.eval_shape(lambda: cls(config, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend, quants=quants,
+                                      quantization=quantization))

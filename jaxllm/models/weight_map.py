@@ -14,6 +14,7 @@ tied model) makes its tensor "unexpected", unless `skip_if_absent` (HF writes a 
 
 import dataclasses
 import re
+from typing import NamedTuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,3 +42,11 @@ def name_regex(pattern: str) -> re.Pattern:
     """A name pattern ("model.layers.{i}.mlp.up_proj.weight", or a param path) -> its full-match regex."""
     return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"\Z")
 
+
+
+class Linear(NamedTuple):
+    """One linear of the checkpoint layout, as a quantized format addresses it."""
+
+    module: str  # its Hugging Face module name, "model.layers.0.self_attn.q_proj"
+    in_features: int  # K
+    out_features: int  # N

@@ -75,11 +75,13 @@ class ModelRunner:
         self.model, self.model_config = load_model(
             model, dtype=config.dtype, load_format=config.load_format,
             mesh=self.mesh, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
-            kernel_backend=config.kernel_backend)
+            kernel_backend=config.kernel_backend, quantization=config.quantization)
+        self.quantization = self.model.quantization  # the format loaded (None: dense), for the log and /v1/models
         progress("loading weights", 1, 1)
         # Split once: the step is a pure function of the state ({path: array}, the module's own arrays) and rebuilds
         # the module inside its trace; `self.model` stays the live module (`LLM.model`).
         self._layout, self.params = ModuleLayout.split(self.model)
+        self.model_dtype = self.model.dtype  # the KV cache's too (a quantized model's first param may be packed ints)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
         # Outputs pinned to the shardings their buffers start with, or a bucket's second step misses jit's cache
@@ -112,6 +114,7 @@ class ModelRunner:
         self._logits = jax.device_put(np.zeros((rows, self.vocab_size), np.float32), self._replicated)
         self.kv_plan = self._plan_kv_cache()
         logger.info(self.kv_plan.describe())
+        logger.info(kv_sizing.describe_memory(self.model, self.params, self.kv_plan, self._local_device))
         self.kv_cache = KVCache.create(
             num_layers=self.model_config.num_layers, num_blocks=self.kv_plan.num_blocks,
             block_size=config.block_size, num_kv_heads=self.kv_cache_heads, head_dim=self.model_config.head_dim,
@@ -131,7 +134,7 @@ class ModelRunner:
 
     @property
     def kv_dtype(self):
-        return jax.tree_util.tree_leaves(self.params)[0].dtype
+        return jnp.dtype(self.model_dtype)
 
     @property
     def vocab_size(self) -> int:
