@@ -40,7 +40,6 @@ def greedy(model_dir) -> list[list[int]]:
         llm.close()
 
 
-@pytest.mark.skip(reason="needs the quantized model plumbing")
 @pytest.mark.parametrize("family, fmt", CASES)
 def test_quantized_greedy_equals_dequantized_float32(tmp_path, family, fmt):
     quant_dir, ref_dir = write_quantized_pair(FIXTURES / family, tmp_path, FORMATS[fmt])
