@@ -31,8 +31,8 @@ CASES = [("llama3", f) for f in FORMATS if f != "ct-int4-head"] + [
         strict=True, raises=ValueError, reason="the model reads lm_head dense only: 'lm_head.weight_packed' is an "
                                                "unexpected checkpoint tensor"))]
 
-def greedy(model_dir) -> list[list[int]]:
-    llm = LLM(model=str(model_dir), **TINY)
+def greedy(model_dir, **options) -> list[list[int]]:
+    llm = LLM(model=str(model_dir), **TINY, **options)
     try:
         return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY,
                                                              use_tqdm=False)]
@@ -46,3 +46,12 @@ def test_quantized_greedy_equals_dequantized_float32(tmp_path, family, fmt):
     tokens = greedy(quant_dir)
     assert all(len(t) == GREEDY.max_tokens for t in tokens)
     assert tokens == greedy(ref_dir)
+
+
+def test_the_articles_quantization_argument(tmp_path):
+    """`LLM(model=..., quantization="gptq")` as the vLLM article writes it; a method the checkpoint does not hold is
+    refused naming both."""
+    quant_dir, ref_dir = write_quantized_pair(FIXTURES / "llama3", tmp_path, FORMATS["gptq-actorder"])
+    assert greedy(quant_dir, quantization="gptq_marlin") == greedy(ref_dir)
+    with pytest.raises(ValueError, match=r"'awq'.*'gptq'"):
+        LLM(model=str(quant_dir), quantization="awq", **TINY)
