@@ -64,6 +64,11 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     @property
+    def quantization(self) -> str | None:
+        """The quantized format loaded ("awq", "gguf", ...); None for a dense model."""
+        return self.engine.quantization
+
+    @property
     def served_model_name(self) -> str:
         return self.engine.model_name
 

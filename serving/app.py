@@ -43,7 +43,7 @@ def build_app(ctx: ServerContext, options: ServerOptions, on_fatal: Callable[[Ba
                 logger.error("engine failed to start: %s: %s", type(exc).__name__, exc)
                 on_fatal(exc)
                 return
-            quantization = ctx.host.engine.engine.quantization  # the LLMEngine's: None for a dense model
+            quantization = ctx.host.engine.quantization
             logger.info("engine ready in %.1f s; serving %s (max_model_len %d, %s)", time.monotonic() - started,
                         ", ".join(ctx.served_model_names), ctx.host.engine.max_model_len,
                         f"quantization {quantization}" if quantization else "dense")
@@ -98,7 +98,7 @@ def _add_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def models():
         engine = ctx.host.ready_engine()
         cards = [ModelCard(id=name, root=ctx.model_name, max_model_len=engine.max_model_len,
-                           quantization=engine.engine.quantization)
+                           quantization=engine.quantization)
                  for name in ctx.served_model_names]
         return ModelList(data=cards).model_dump()
 

@@ -1,5 +1,5 @@
 """GGUF reading: the default model's config and tensors against the transformers reference, q/k un-permutation,
-sharded reads, and tiny GGUF files written here with the gguf package's writer."""
+sharded reads, and tiny GGUF files written with the gguf package's writer (gguf_writer.py)."""
 
 import json
 import math
@@ -8,26 +8,15 @@ import pathlib
 import gguf
 import numpy as np
 import pytest
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
+from gguf_writer import FIXTURES, KV, D, Q, llama_cpp_permute, write_tiny_gguf
 from jaxllm.default_model import DEFAULT_MODEL_NAME, default_model_name, default_model_path
 from jaxllm.loading.gguf import permute_qk, read_gguf, unpermute_qk
 from jaxllm.loading.gguf_file import read_gguf_file
 from jaxllm.text.tokenizer import Tokenizer
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "smollm2_gguf.json"
-
-
-def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute, verbatim in behaviour (k passes n_head_kv)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (
-        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -134,60 +123,6 @@ def test_permutation_interleaves_the_two_rotary_halves():
     rows = np.arange(12)
     assert permute_qk(rows, 2).tolist() == [0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]
     assert unpermute_qk(np.array([0, 3, 1, 4, 2, 5]), 1).tolist() == [0, 1, 2, 3, 4, 5]
-
-
-# A tiny model written with gguf's own writer: 2 layers, hidden 64, 4 q / 2 kv heads of dim 16.
-H, Q, KV, D, F, L = 64, 4, 2, 16, 96, 2
-GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}  # fmt: skip
-QTYPE = {"attn_q": "Q8_0", "attn_k": "F16", "ffn_up": "Q4_1", "token_embd": "Q8_0"}  # the rest F32
-
-
-def fixture_tokenizer(family: str):
-    spec = json.loads((FIXTURES / family / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    special = {t["content"] for t in spec["added_tokens"] if t["special"]}
-    return tokens, merges, [3 if t in special else 1 for t in tokens]
-
-
-def write_tiny_gguf(path, *, arch="llama", family="llama3", pre="gpt2", tied=False, rope_freqs=None, seed=0):
-    """Random HF-layout weights stored as llama.cpp would (q/k permuted for llama, some quantized); returns what
-    reading each tensor back must give: the HF tensor after its storage type's quantization round trip."""
-    rng = np.random.default_rng(seed)
-    tokens, merges, types = fixture_tokenizer(family)
-    shapes = {"attn_norm": (H,), "ffn_norm": (H,), "attn_q": (Q * D, H), "attn_k": (KV * D, H), "attn_v": (KV * D, H),
-              "attn_output": (H, Q * D), "ffn_gate": (F, H), "ffn_up": (F, H), "ffn_down": (H, F)}  # fmt: skip
-    tensors = {("token_embd", "model.embed_tokens.weight"): (len(tokens), H),
-               ("output_norm", "model.norm.weight"): (H,)}
-    if not tied:
-        tensors[("output", "lm_head.weight")] = (len(tokens), H)
-    for i in range(L):
-        tensors |= {(f"blk.{i}.{g}", f"model.layers.{i}.{GGUF_LAYER[g]}.weight"): s for g, s in shapes.items()}
-
-    w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_block_count(L), w.add_context_length(256), w.add_embedding_length(H), w.add_feed_forward_length(F)
-    w.add_head_count(Q), w.add_head_count_kv(KV), w.add_rope_freq_base(500000.0), w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre), w.add_token_list(tokens), w.add_token_merges(merges)
-    w.add_token_types(types), w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    expected = {}
-    for (gguf_name, hf_name), shape in tensors.items():
-        value = rng.standard_normal(shape).astype(np.float32)
-        kind = gguf_name.split(".")[-1]
-        qtype = gguf.GGMLQuantizationType[QTYPE.get(kind, "F32")]
-        expected[hf_name] = dequantize(quantize(value, qtype), qtype).astype(np.float32)
-        if arch == "llama" and kind in ("attn_q", "attn_k"):
-            value = llama_cpp_permute(value, Q, KV if kind == "attn_k" else None)
-        data = quantize(value, qtype)
-        w.add_tensor(gguf_name + ".weight", data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-    if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    return expected
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -2,7 +2,8 @@
 
 The tensors are exposed under Hugging Face names and layouts ([out, in]) so the generic loader treats a GGUF file
 like a safetensors directory. Quantized tensors (Q4_1, Q8_0, ...) are dequantized with the `gguf` package's numpy
-code, lazily, one tensor (or one shard of rows) per `read`; nothing big is cached.
+code, lazily, one tensor (or one shard of rows) per `read`; nothing big is cached. `blocks` hands out the stored
+bytes instead, for the linears served packed (jaxllm/quantization/gguf_format.py).
 """
 
 import dataclasses
@@ -107,15 +108,30 @@ class GGUFTensors:
         index = tuple(index or ())
         if len(index) > len(entry.shape):
             raise IndexError(f"{name}: index {index} has more dimensions than shape {entry.shape}")
-        rows = index[0] if index else slice(None)
-        raw = entry.tensor.data
-        raw = raw[entry.row_order[rows]] if entry.row_order is not None else raw[rows]
+        raw = _rows(entry, index[0] if index else slice(None))
         qtype = entry.tensor.tensor_type
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             out = np.array(raw)  # copy: never hand out views of the memmap
         else:
             out = dequantize(raw, qtype)
         return np.ascontiguousarray(out[(slice(None), *index[1:])])
+
+    def tensor_type(self, name: str) -> GGMLQuantizationType:
+        return self._entries[name].tensor.tensor_type
+
+    def blocks(self, name: str) -> np.ndarray:
+        """A block-quantized 2-D tensor as stored, uint8 [out, bytes per row], its rows in HF order (llama's q/k
+        un-permuted by the same row gather as `read`), as a fresh array."""
+        entry = self._entries[name]
+        if entry.tensor.data.dtype != np.uint8 or entry.tensor.data.ndim != 2:  # gguf_file: blocks are uint8 rows
+            raise ValueError(f"{name} is a {len(entry.shape)}-D {entry.tensor.tensor_type.name} tensor, not 2-D blocks")
+        return np.array(_rows(entry, slice(None)))
+
+
+def _rows(entry: _TensorEntry, rows: slice) -> np.ndarray:
+    """The stored rows of HF rows `rows`: a view of the memmap, or a gathered copy for un-permuted q/k."""
+    raw = entry.tensor.data
+    return raw[entry.row_order[rows]] if entry.row_order is not None else raw[rows]
 
 
 @dataclasses.dataclass(frozen=True)

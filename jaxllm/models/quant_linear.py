@@ -21,11 +21,13 @@ from jax.sharding import Mesh
 
 from jaxllm import sharding
 from jaxllm.models.state import dotted_path
+from pallas_kernels.fp8_matmul import fp8_matmul
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.quant_matmul_reference import quant_matmul_reference
 
 if TYPE_CHECKING:  # linear_quant reaches the loader, which builds these modules
     from jaxllm.quantization.linear_quant import LinearQuant
+
 
 class QuantData(nnx.Variable):
     """Stored quantized weights and permutations: part of the state, not trainable."""
@@ -75,8 +77,8 @@ class QuantLinear(nnx.Module):
         scales = self.scales[...].reshape(self.scales.shape[0], -1)
         if self.quant.kind == "fp8":
             weight = self.weight[...].reshape(self.weight.shape[0], -1)
-            y = _fp8_matmul(x, weight, scales, dynamic_activations=self.quant.dynamic_activations,
-                            backend=self.kernel_backend)
+            y = fp8_matmul(x, weight, scales, dynamic_activations=self.quant.dynamic_activations,
+                           backend=self.kernel_backend if kernel else "reference")
         else:
             if self.perm is not None:  # the kernel's row r is input perm[r] (rows sorted by group at load)
                 x = jnp.take(x, self.perm[...], axis=1)
@@ -94,15 +96,6 @@ def _int_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.
     if not kernel or sharding.tp_size(mesh) > 1:
         return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
     return quant_matmul(x, qweight, scales, zeros, bits=bits, backend=backend)
-
-
-def _fp8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, dynamic_activations: bool,
-                backend: str) -> jax.Array:
-    """x [T, K] @ (weight e4m3[K, N] * scales [1, N]) in float32: the math of pallas_kernels.fp8_matmul, which
-    takes this call's arguments and replaces it."""
-    del dynamic_activations, backend
-    w = weight.astype(jnp.float32) * scales.astype(jnp.float32)
-    return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def quantized_paths(model: nnx.Module) -> frozenset[str]:

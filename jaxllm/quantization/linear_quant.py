@@ -18,11 +18,12 @@ dtype, so GGUF's and AutoAWQ's fp16 scales stay exact).
 """
 
 import dataclasses
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from jaxllm.loading.loader import TensorSource
+if TYPE_CHECKING:  # the loader builds quantized models: a runtime import would be a cycle
+    from jaxllm.loading.loader import TensorSource
 
 KINDS = ("int", "fp8")
 
@@ -69,7 +70,7 @@ class QuantFormat(Protocol):
         """The checkpoint tensors `read` consumes for a quantized `module`, so the generic loader skips them."""
         ...
 
-    def read(self, source: TensorSource, module: str, quant: LinearQuant, in_features: int,
+    def read(self, source: "TensorSource", module: str, quant: LinearQuant, in_features: int,
              out_features: int) -> dict[str, np.ndarray]:
         """The module's arrays on the host, named and shaped as `quant.shapes(...)` says; ValueError naming the
         tensor or field on anything malformed."""
