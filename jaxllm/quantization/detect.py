@@ -1,13 +1,12 @@
 """Which quantization format a Hugging Face checkpoint directory holds, from config.json's `quantization_config`,
 checked against what the user asked for (`quantization=`)."""
 
+from jaxllm.config import quantization_method
 from jaxllm.quantization.awq import AWQFormat
 from jaxllm.quantization.compressed_tensors import CompressedTensorsFormat
 from jaxllm.quantization.gptq import GPTQFormat
 from jaxllm.quantization.linear_quant import QuantFormat
 
-# vLLM names methods after their kernels too; they read the same checkpoints.
-ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 _READERS = {"awq": AWQFormat.from_config, "gptq": GPTQFormat.from_config,
             "compressed-tensors": CompressedTensorsFormat.from_config}
 
@@ -15,7 +14,7 @@ _READERS = {"awq": AWQFormat.from_config, "gptq": GPTQFormat.from_config,
 def detect_format(hf_config: dict, requested: str | None) -> QuantFormat | None:
     """The checkpoint's format reader, or None for an unquantized checkpoint. `requested` (None: take the
     checkpoint's) must agree with it, vLLM's aliases accepted; ValueError naming both otherwise."""
-    wanted = ALIASES.get(requested, requested)
+    wanted = quantization_method(requested)
     if wanted == "gguf":
         raise ValueError("quantization='gguf' needs a .gguf file; this checkpoint is a safetensors directory")
     config = hf_config.get("quantization_config")
