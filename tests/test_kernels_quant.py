@@ -92,6 +92,26 @@ def test_kernel_matches_reference(m, k, n, group, bits, symmetric, x_dtype, scal
     np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("m,bits", [(1, 4), (70, 8)])
+def test_act_order_rows_sorted_by_group_give_the_g_idx_product(m, bits):
+    """GPTQ's desc_act: row k of the checkpoint belongs to group g_idx[k], in no order. The loaders sort the rows by
+    group once (perm) and the model multiplies x[:, perm]: the kernel over that must equal x @ the g_idx weight."""
+    k, n, group = 256, 48, 32
+    rng = np.random.default_rng(m)
+    g_idx = rng.permutation(np.arange(k) // group)  # every group its 32 rows, scattered over K
+    values = rng.integers(0, 2**bits, (k, n))
+    scales = rng.uniform(0.5, 1.5, (k // group, n)) / 2**bits
+    zeros = rng.integers(0, 2**bits, (k // group, n)).astype(np.float64)
+    w = (values - zeros[g_idx]) * scales[g_idx]  # [K, N], each row with its own group's scale and zero
+    x = rng.standard_normal((m, k))
+    perm = np.argsort(g_idx, kind="stable")
+    out = quant_matmul(jnp.asarray(x[:, perm], jnp.float32), jnp.asarray(pack_int(values[perm], bits)),
+                       jnp.asarray(scales, jnp.float32), jnp.asarray(zeros, jnp.float32), bits=bits,
+                       backend="triton", interpret=True)
+    want = x @ w
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
 def test_entry_on_cpu_serves_the_reference():
     _, qweight, scales, zeros = _quantized(64, 24, 32, 4, symmetric=False, scale_dtype=jnp.float16, seed=0)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 64)), jnp.bfloat16)
