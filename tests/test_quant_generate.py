@@ -25,11 +25,8 @@ FORMATS = {
     "ct-fp8-tensor": QuantSpec("compressed-tensors", ct_format="float-quantized", fp8_per_tensor=True),
 }
 # Every format on Llama; the tied and q/k-norm families with one format of each tool.
-CASES = [("llama3", f) for f in FORMATS if f != "ct-int4-head"] + [
-    (fam, f) for fam in ("qwen2", "qwen3") for f in ("awq", "gptq-actorder", "ct-int4-group")] + [
-    pytest.param("llama3", "ct-int4-head", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="the model reads lm_head dense only: 'lm_head.weight_packed' is an "
-                                               "unexpected checkpoint tensor"))]
+CASES = [("llama3", f) for f in FORMATS] + [
+    (fam, f) for fam in ("qwen2", "qwen3") for f in ("awq", "gptq-actorder", "ct-int4-group")]
 
 def prompt_logprobs(model_dir) -> np.ndarray:
     """The log-probability of each prompt token after the first."""

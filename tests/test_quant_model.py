@@ -1,7 +1,7 @@
 """Quantized linears in the models: a fixture's weights quantized in the test (int4 in groups of 32, int8 per
 channel, act-order, fp8) and served through a QuantFormat test double (tests/quant_double.py) generate the greedy
 tokens of the same model loaded dense from the dequantized weights; dummy quantized weights; fused parts stored
-differently; the quantization option; state paths and gradients."""
+differently; the quantization option; state paths and gradients; a quantized untied head, and a tied one refused."""
 
 import types
 
@@ -21,7 +21,7 @@ from jaxllm.models.quant_linear import QuantData, QuantLinear
 from jaxllm.models.state import state_dict
 from jaxllm.quantization.linear_quant import LinearQuant
 from pallas_kernels.quant_pack import unpack_int
-from quant_double import fixture_tensors, quantize_fixture, write_dense
+from quant_double import fixture_tensors, quantize_fixture, quantize_fp8, quantize_int, write_dense
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 MODEL_TYPES = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -74,6 +74,53 @@ def test_quantized_greedy_equals_the_dequantized_dense_model(family, tmp_path, m
         assert "layers.0.attn.qkv_proj.qweight" in quantized or "layers.0.attn.qkv_proj.scales" in quantized
     finally:
         llm.close()
+
+
+def quantize_head(quant_format, dense: dict[str, np.ndarray], spec: tuple) -> LinearQuant:
+    """The double serves the untied head quantized too (("int", bits, group) or ("fp8",)); `dense` gets its
+    dequantized weight."""
+    w = dense["lm_head.weight"].T  # [D, V]
+    if spec[0] == "fp8":
+        quant, (arrays, deq) = LinearQuant("fp8", 8, w.shape[0]), quantize_fp8(w)
+    else:
+        quant, (arrays, deq) = LinearQuant("int", spec[1], spec[2]), quantize_int(w, spec[1], spec[2], None)
+    quant_format.quants["lm_head"], quant_format.arrays["lm_head"] = quant, arrays
+    dense["lm_head.weight"] = np.ascontiguousarray(deq.T)
+    return quant
+
+
+@pytest.mark.parametrize("head", [("int", 4, 32), ("fp8",)], ids=["int4-g32", "fp8"])
+def test_a_quantized_untied_head_generates_the_dequantized_dense_models_tokens(head, tmp_path, monkeypatch):
+    quant_format, dense = quantize_fixture(FIXTURES / "llama3", PLANS["llama3"])
+    quant = quantize_head(quant_format, dense, head)
+    reference = LLM(model=str(write_dense(tmp_path / "dense", FIXTURES / "llama3", dense)), **TINY)
+    want = [o.outputs[0].token_ids for o in reference.generate(prompts("llama3"), GREEDY, use_tqdm=False)]
+    ids = jnp.asarray(golden("llama3")["prompt_0"])[None]
+    want_logits = np.asarray(reference.model(ids))
+    reference.close()
+
+    use_format(monkeypatch, quant_format)
+    llm = LLM(model=str(FIXTURES / "llama3"), **TINY)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts("llama3"), GREEDY, use_tqdm=False)] == want
+        assert rel_err(llm.model(ids), want_logits) < 1e-5  # the dense forward through the same quantized head
+        head_module = llm.model.lm_head.weight
+        assert isinstance(head_module, QuantLinear) and head_module.quant == quant
+        assert head_module.parallel == "column"  # vocab-parallel under tp, as the dense head
+        assert "lm_head" in quant_format.reads
+        state = state_dict(llm.model)
+        assert {p for p in state if p.startswith("lm_head")} == {f"lm_head.weight.{a}" for a in quant.arrays()}
+    finally:
+        llm.close()
+
+
+def test_a_tied_head_a_format_reports_quantized_is_an_error_naming_it(monkeypatch):
+    quant_format, _ = quantize_fixture(FIXTURES / "qwen2", PLANS["qwen2"])
+    quant_format.quants["lm_head"] = LinearQuant("int", 4, 32)
+    use_format(monkeypatch, quant_format)
+    with pytest.raises(ValueError, match=r"^lm_head: canonical stores it quantized, but the model ties it to the "
+                                         r"embedding"):
+        load_model(FIXTURES / "qwen2", dtype="float32")
 
 
 def test_state_paths_and_grad_over_the_scales(monkeypatch):

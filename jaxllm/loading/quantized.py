@@ -4,6 +4,9 @@ the dense linears absent.
 
 The parts of a fused projection (q/k/v, gate/up: models/fusion.py) run as one matmul, so they must be stored alike.
 When they are not, a format that can dequantize has them all read dense; any other is a ValueError naming the layer.
+The vocabulary head is one of the linears when it is untied (compressed-tensors without "lm_head" in `ignore`,
+GPTQModel's `lm_head: true`, a GGUF Q8_0 `output.weight`); a tied head is the embedding, which stays dense. Dummy
+weights keep the head dense, as the tools do by default.
 """
 
 import logging
@@ -20,9 +23,16 @@ _DUMMY_GROUP = {"awq": 128, "gptq": 128, "compressed-tensors": 128, "gguf": 32}
 
 
 def checkpoint_quants(model_cls, config: ModelConfig, quant_format: QuantFormat) -> dict[str, LinearQuant]:
-    """How `quant_format` stores each of the model's linears."""
+    """How `quant_format` stores each of the model's linears; a ValueError naming the head when the format says it
+    is quantized but the model ties it to the embedding."""
+    linears = model_cls.linears(config)
+    head_path, head = model_cls.head(config)
+    if head_path not in linears and quant_format.linear_quant(head.module, head.in_features,
+                                                              head.out_features) is not None:
+        raise ValueError(f"{head.module}: {quant_format.name} stores it quantized, but the model ties it to the "
+                         f"embedding (tie_word_embeddings), which is never quantized")
     quants = {path: quant_format.linear_quant(linear.module, linear.in_features, linear.out_features)
-              for path, linear in model_cls.linears(config).items()}
+              for path, linear in linears.items()}
     for i in range(config.num_layers):
         for fusion in model_cls.fused_projections:
             _agree(quants, f"layers.{i}.", fusion, quant_format)
@@ -44,10 +54,13 @@ def _agree(quants: dict[str, LinearQuant | None], prefix: str, fusion: FusedProj
 
 
 def dummy_quants(model_cls, config: ModelConfig, quantization: str) -> dict[str, LinearQuant]:
-    """Every linear as `quantization` (a method of jaxllm.config, or an alias) usually stores it: int4 in groups of
-    128 (GGUF: 32; per-channel where the group does not divide K), or fp8 with per-channel scales."""
+    """Every decoder linear as `quantization` (a method of jaxllm.config, or an alias) usually stores it: int4 in
+    groups of 128 (GGUF: 32; per-channel where the group does not divide K), or fp8 with per-channel scales; the
+    head dense."""
     method = quantization_method(quantization)
-    return {path: _dummy_quant(method, linear.in_features) for path, linear in model_cls.linears(config).items()}
+    head_path, _ = model_cls.head(config)
+    return {path: _dummy_quant(method, linear.in_features) for path, linear in model_cls.linears(config).items()
+            if path != head_path}
 
 
 def _dummy_quant(method: str, in_features: int) -> LinearQuant:

@@ -42,9 +42,11 @@ class Attention(nnx.Module):
         shape = fused_shape((c.q_size, c.kv_size, c.kv_size), ("q_proj", "k_proj", "v_proj"), (c.hidden_size,),
                             tp=tp, kv_repeats=kv_repeats(c, tp))
         where = dict(dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
-        self.qkv_proj = projection(quants.get("attn.q_proj"), c.hidden_size, shape[1:], **where)  # [D, S, (N+2C)H/S]
+        self.qkv_proj = projection(quants.get("attn.q_proj"), c.hidden_size, shape[1:], parallel="column",
+                                   **where)  # [D, S, (N + 2C) * H / S]
         self.qkv_bias = zeros_param(shape[1:], dtype) if c.attention_bias else None  # [S, (N + 2C) * H / S]
-        self.o_proj = projection(quants.get("attn.o_proj"), c.q_size, (c.hidden_size,), **where)  # [N*H, D]
+        self.o_proj = projection(quants.get("attn.o_proj"), c.q_size, (c.hidden_size,), parallel="row",
+                                 **where)  # [N*H, D]
         self.o_bias = zeros_param((c.hidden_size,), dtype) if c.o_proj_bias else None  # [D]
         # Qwen3 normalizes each q and k head before the rotation so the attention logits stay bounded.
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype) if c.qk_norm else None

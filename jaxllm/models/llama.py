@@ -20,7 +20,8 @@ State (dotted paths; "?" = present only when the config says so):
         mlp.gate_up_proj [D, S, 2F / S]  mlp.gate_up_bias? [S, ...]  mlp.down_proj [F, D]  mlp.down_bias? [D]
 q/k/v and gate/up are fused (models/fusion.py), so each is one matmul; the loaders fill the separate checkpoint
 layout and fuse it before the state is filled. In a quantized model a projection is a module of packed arrays
-instead (models/quant_linear.py): attn.qkv_proj.qweight [D / E, S, W], .scales / .zeros [D / G, S, W], ...
+instead (models/quant_linear.py): attn.qkv_proj.qweight [D / E, S, W], .scales / .zeros [D / G, S, W], ...; so is
+an untied head a quantized checkpoint stores packed: lm_head.weight.qweight [D / E, V], ...
 """
 
 from collections.abc import Mapping
@@ -71,7 +72,9 @@ class LlamaForCausalLM(nnx.Module):
                          kernel_backend=kernel_backend, quants=_layer_quants(quants or {}, i))
             for i in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.lm_head = None if c.tie_word_embeddings else LMHead(c.hidden_size, c.vocab_size, dtype)
+        self.lm_head = None if c.tie_word_embeddings else LMHead(
+            c.hidden_size, c.vocab_size, quant=(quants or {}).get(llama_weights.HEAD), dtype=dtype, mesh=mesh,
+            kernel_backend=kernel_backend)
 
     def checkpoint_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The checkpoint layout the loaders fill (models/llama_weights.py), in the model's dtype; quantized linears
@@ -82,6 +85,11 @@ class LlamaForCausalLM(nnx.Module):
     def linears(config: ModelConfig) -> dict[str, Linear]:
         """{checkpoint-layout path: (HF module, K, N)} of the linears a quantized checkpoint may store packed."""
         return llama_weights.linears(config)
+
+    @staticmethod
+    def head(config: ModelConfig) -> tuple[str, Linear]:
+        """The vocabulary head's checkpoint-layout path and linear, tied or not (a tied one is not in `linears`)."""
+        return llama_weights.HEAD, llama_weights.head(config)
 
     def __call__(self, ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  return_hidden_states: bool = False):
@@ -102,7 +110,7 @@ class LlamaForCausalLM(nnx.Module):
             x = layer.dense(x, cos, sin)
             streams.append(x)
         normed = self.final_norm(x)
-        logits = self._logits(normed.reshape(b * t, -1)).reshape(b, t, -1)
+        logits = self._logits(normed.reshape(b * t, -1), kernel=False).reshape(b, t, -1)
         if not return_hidden_states:
             return logits
         return logits, jnp.stack(streams[:-1] + [normed]).astype(jnp.float32)
@@ -144,8 +152,8 @@ class LlamaForCausalLM(nnx.Module):
             return kv_cache, self._logits(x)
         return kv_cache, self._logits(x), research.gather(streams)
 
-    def _logits(self, x: jax.Array) -> jax.Array:  # [T, D] -> f32[T, V]
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    def _logits(self, x: jax.Array, *, kernel: bool = True) -> jax.Array:  # [T, D] -> f32[T, V]
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x, kernel=kernel)
         return logits.astype(jnp.float32)
 
 

@@ -13,7 +13,8 @@ Checkpoint layout (dtype = the params dtype; "?" = present only when the config 
         mlp.gate_proj [D, F]  mlp.up_proj [D, F]  mlp.down_proj [F, D]  mlp.gate_bias?/up_bias? [F]  mlp.down_bias? [D]
 Projections are [in, out] (HF Linear is [out, in]: the weight map transposes), and q/k/v keep heads flattened so a
 column split over "tp" is a split over heads. A projection a quantized checkpoint stores packed is, in place of its
-one param, its arrays (models/quant_linear.py): "layers.{i}.attn.q_proj.qweight", ".scales", ".zeros" (".perm").
+one param, its arrays (models/quant_linear.py): "layers.{i}.attn.q_proj.qweight", ".scales", ".zeros" (".perm");
+an untied head stored packed is "lm_head.weight.qweight", ... (a tied head is the embedding: always dense).
 """
 
 from collections.abc import Mapping
@@ -74,8 +75,9 @@ FUSED_PROJECTIONS: tuple[FusedProjection, ...] = (
 IGNORED: tuple[str, ...] = (_HF + "self_attn.rotary_emb.inv_freq",)
 
 
-# The decoder's linears (a quantized checkpoint's packed ones; embed and lm_head stay dense): HF module (the name a
-# QuantFormat is asked by) -> checkpoint-layout param, layer-relative.
+# The decoder's linears (those a quantized checkpoint may store packed, with an untied head; the embedding, a
+# gathered table, stays dense): HF module (the name a QuantFormat is asked by) -> checkpoint-layout param,
+# layer-relative.
 LINEARS: tuple[tuple[str, str], ...] = (
     ("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"), ("self_attn.v_proj", "attn.v_proj"),
     ("self_attn.o_proj", "attn.o_proj"), ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
@@ -83,13 +85,23 @@ LINEARS: tuple[tuple[str, str], ...] = (
 )
 
 
+HEAD = "lm_head.weight"  # the head's checkpoint-layout param; its HF module is "lm_head"
+
+
 def linears(c: ModelConfig) -> dict[str, Linear]:
-    """{checkpoint-layout path: (HF module, K in, N out)} of every decoder linear, in state order."""
+    """{checkpoint-layout path: (HF module, K in, N out)} of every decoder linear and the untied head, in state
+    order."""
     d, f, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
     features = {"attn.q_proj": (d, q), "attn.k_proj": (d, kv), "attn.v_proj": (d, kv), "attn.o_proj": (q, d),
                 "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
-    return {f"layers.{i}.{param}": Linear(f"model.layers.{i}.{module}", *features[param])
-            for i in range(c.num_layers) for module, param in LINEARS}
+    out = {f"layers.{i}.{param}": Linear(f"model.layers.{i}.{module}", *features[param])
+           for i in range(c.num_layers) for module, param in LINEARS}
+    return out if c.tie_word_embeddings else out | {HEAD: head(c)}
+
+
+def head(c: ModelConfig) -> Linear:
+    """The vocabulary head as a linear [D -> V], whether or not it is tied to the embedding."""
+    return Linear("lm_head", c.hidden_size, c.vocab_size)
 
 
 def checkpoint_shapes(c: ModelConfig, dtype,

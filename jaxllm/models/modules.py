@@ -4,8 +4,9 @@ Legend: T tokens, D hidden size, F MLP size, V vocabulary, S tp shards of a fuse
 
 Each holds its `nnx.Param`s and calls the stateless functions of models/layers.py, which the paged and the dense
 forward share. Params absent from a config (biases) are None attributes, part of the graph, not of the state.
-A projection's weight is a dense Param or, in a quantized checkpoint, a QuantLinear (models/quant_linear.py);
-`projection` makes either and `project` runs either, the dense one through the same einsum as ever.
+A projection's weight (the vocabulary head's too, when it is not the tied embedding) is a dense Param or, in a
+quantized checkpoint, a QuantLinear (models/quant_linear.py); `projection` makes either and `project` runs either,
+the dense one through the same einsum as ever.
 """
 
 from typing import TYPE_CHECKING
@@ -32,12 +33,14 @@ def param_value(param: nnx.Param | None) -> jax.Array | None:
     return None if param is None else param[...]
 
 
-def projection(quant: "LinearQuant | None", in_features: int, out_shape: tuple[int, ...], *, dtype,
+def projection(quant: "LinearQuant | None", in_features: int, out_shape: tuple[int, ...], *, parallel: str, dtype,
                mesh: Mesh | None, kernel_backend: str) -> nnx.Param | QuantLinear:
-    """A projection's weight: a dense [I, *O] Param, or the quantized linear `quant` says it is stored as."""
+    """A projection's weight: a dense [I, *O] Param, or the quantized linear `quant` says it is stored as, split
+    over tp as `parallel` ("column" or "row", jaxllm.sharding's layout of its dense twin) says."""
     if quant is None:
         return zeros_param((in_features, *out_shape), dtype)
-    return QuantLinear(quant, in_features, out_shape, dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
+    return QuantLinear(quant, in_features, out_shape, parallel=parallel, dtype=dtype, mesh=mesh,
+                       kernel_backend=kernel_backend)
 
 
 def project(x: jax.Array, weight: nnx.Param | QuantLinear, bias: nnx.Param | None = None, *,
@@ -74,10 +77,17 @@ class Embed(nnx.Module):
 
 
 class LMHead(nnx.Module):
-    def __init__(self, dim: int, vocab_size: int, dtype):
-        self.weight = zeros_param((dim, vocab_size), dtype)  # [D, V], vocab-parallel under tp
+    def __init__(self, dim: int, vocab_size: int, *, quant: "LinearQuant | None" = None, dtype,
+                 mesh: Mesh | None = None, kernel_backend: str = "auto"):
+        """`quant`: how a quantized checkpoint stores the head (None: dense)."""
+        # [D, V] or its packed arrays, vocab-parallel under tp: a column-parallel linear over V.
+        self.weight = projection(quant, dim, (vocab_size,), parallel="column", dtype=dtype, mesh=mesh,
+                                 kernel_backend=kernel_backend)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, V]
+    def __call__(self, x: jax.Array, *, kernel: bool = True) -> jax.Array:  # [T, D] -> [T, V]
+        """`kernel=False`: a quantized head as jnp (the dense forward, differentiable)."""
+        if isinstance(self.weight, QuantLinear):
+            return self.weight(x, kernel=kernel)
         return jnp.einsum("TD,DV->TV", x, self.weight[...])
 
 
@@ -88,9 +98,11 @@ class MLP(nnx.Module):
                  quants: "dict[str, LinearQuant]", mesh: Mesh | None, kernel_backend: str):
         """`quants`: how "mlp.gate_proj" (and so up_proj: one fusion) and "mlp.down_proj" are stored, absent: dense."""
         where = dict(dtype=dtype, mesh=mesh, kernel_backend=kernel_backend)
-        self.gate_up_proj = projection(quants.get("mlp.gate_proj"), dim, gate_up_shape[1:], **where)  # [D, S, 2F / S]
+        self.gate_up_proj = projection(quants.get("mlp.gate_proj"), dim, gate_up_shape[1:], parallel="column",
+                                       **where)  # [D, S, 2F / S]
         self.gate_up_bias = zeros_param(gate_up_shape[1:], dtype) if bias else None  # [S, 2F / S]
-        self.down_proj = projection(quants.get("mlp.down_proj"), intermediate, (dim,), **where)  # [F, D]
+        self.down_proj = projection(quants.get("mlp.down_proj"), intermediate, (dim,), parallel="row",
+                                    **where)  # [F, D]
         self.down_bias = zeros_param((dim,), dtype) if bias else None  # [D]
 
     def __call__(self, x: jax.Array, *, kernel: bool = True) -> jax.Array:  # [T, D] -> [T, D]

@@ -9,6 +9,9 @@ Arrays (jaxllm/quantization/linear_quant.py's canonical ones, with N laid out as
     fp8:  weight e4m3[K, *O]       scales f32[1, *O]
 The integer and fp8 weights and the permutation are `QuantData`, not nnx.Param: nnx.grad's default filter (Param)
 then differentiates the scales and zeros and skips what has no gradient.
+
+Under tensor parallelism the arrays are split as the dense weight (jaxllm/sharding.py): `parallel` says how, from
+the site that builds the module ("column": q/k/v, gate/up, the vocabulary head; "row": o, down).
 """
 
 import math
@@ -21,12 +24,17 @@ from jax.sharding import Mesh
 
 from jaxllm import sharding
 from jaxllm.models.state import dotted_path
+from pallas_kernels.backend import TRITON, resolve_backend
 from pallas_kernels.fp8_matmul import fp8_matmul
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.quant_matmul_reference import quant_matmul_reference
+from pallas_kernels.sharded import quant_matmul_sharded
 
 if TYPE_CHECKING:  # linear_quant reaches the loader, which builds these modules
     from jaxllm.quantization.linear_quant import LinearQuant
+
+
+PARALLEL = ("column", "row")  # outputs split over tp (each device its columns), or inputs (partial sums, psum'd)
 
 
 class QuantData(nnx.Variable):
@@ -56,8 +64,10 @@ def quant_shapes(quant: "LinearQuant", in_features: int, out_shape: tuple[int, .
 class QuantLinear(nnx.Module):
     """`y = linear(x)`: x [T, K] -> [T, *O], through pallas_kernels.quant_matmul (int) or the fp8 product."""
 
-    def __init__(self, quant: "LinearQuant", in_features: int, out_shape: tuple[int, ...], *, dtype,
+    def __init__(self, quant: "LinearQuant", in_features: int, out_shape: tuple[int, ...], *, parallel: str, dtype,
                  mesh: Mesh | None, kernel_backend: str):
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}; got {parallel!r}")
         # Zeros: the model is built abstract (nnx.eval_shape) and a loader fills its state.
         made = {name: jnp.zeros(s.shape, s.dtype) for name, s in
                 quant_shapes(quant, in_features, out_shape, dtype).items()}
@@ -69,7 +79,7 @@ class QuantLinear(nnx.Module):
             self.scales = nnx.Param(made["scales"])  # [K / G, *O]
             self.zeros = nnx.Param(made["zeros"])  # [K / G, *O]
             self.perm = QuantData(made["perm"]) if quant.act_order else None  # i32[K]
-        self.quant, self.mesh, self.kernel_backend = quant, mesh, kernel_backend
+        self.quant, self.parallel, self.mesh, self.kernel_backend = quant, parallel, mesh, kernel_backend
 
     def __call__(self, x: jax.Array, *, kernel: bool = True) -> jax.Array:  # [T, K] -> [T, *O]
         """`kernel=False` runs the jnp expression (the dense research forward: differentiable in the scales)."""
@@ -82,20 +92,31 @@ class QuantLinear(nnx.Module):
         else:
             if self.perm is not None:  # the kernel's row r is input perm[r] (rows sorted by group at load)
                 x = jnp.take(x, self.perm[...], axis=1)
-            y = _int_matmul(x, self.qweight[...].reshape(self.qweight.shape[0], -1), scales,
-                            self.zeros[...].reshape(scales.shape), bits=self.quant.bits,
-                            backend=self.kernel_backend, mesh=self.mesh, kernel=kernel)
+            y = self._int_matmul(x, self.qweight[...].reshape(self.qweight.shape[0], -1), scales,
+                                 self.zeros[...].reshape(scales.shape), kernel=kernel)
         return y.reshape(*x.shape[:-1], *out_shape)
 
-
-def _int_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *, bits: int, backend: str,
-                mesh: Mesh | None, kernel: bool) -> jax.Array:
-    """x [T, K] @ the dequantized [K, N]. For the dense forward (`kernel=False`) and under tensor parallelism, the
-    jnp expression: it differentiates, and GSPMD partitions it over the sharded words and groups, which it cannot
-    do to a Pallas call."""
-    if not kernel or sharding.tp_size(mesh) > 1:
+    def _int_matmul(self, x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
+                    kernel: bool) -> jax.Array:
+        """x [T, K] @ the dequantized [K, N]. The dense forward (`kernel=False`) runs the jnp expression: it
+        differentiates. Under tensor parallelism the Pallas kernel runs per device on its shard of the arrays
+        (quant_matmul_sharded) where the backend has it; elsewhere GSPMD partitions the jnp expression over the
+        sharded words and groups, which it cannot do to a Pallas call."""
+        bits, tp = self.quant.bits, sharding.tp_size(self.mesh)
+        if not kernel:
+            return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
+        if tp == 1:
+            return quant_matmul(x, qweight, scales, zeros, bits=bits, backend=self.kernel_backend)
+        if resolve_backend(self.kernel_backend) == TRITON and self._split(tp):
+            return quant_matmul_sharded(x, qweight, scales, zeros, bits=bits, mesh=self.mesh, axis=sharding.TP,
+                                        parallel=self.parallel, backend=TRITON)
         return quant_matmul_reference(x, qweight, scales, zeros, bits=bits)
-    return quant_matmul(x, qweight, scales, zeros, bits=bits, backend=backend)
+
+    def _split(self, tp: int) -> bool:
+        """Whether the arrays are split over tp as `parallel` says. Row-parallel ones always are (the loader refuses
+        groups that do not divide); column-parallel ones stay whole where their leading output axis does not
+        divide (jaxllm.sharding.param_spec: a vocabulary, or a fused projection of one shard)."""
+        return self.parallel == "row" or self.scales.shape[1] % tp == 0
 
 
 def quantized_paths(model: nnx.Module) -> frozenset[str]:
