@@ -28,7 +28,8 @@ class StepWork:
     sampling: Sequence[SamplingRow]  # a greedy padding row where the sequence does not sample
     prompt_logprobs_k: int | None = None  # the most prompt logprobs any sequence wants; None: none does
     successors: Sequence[Sequence[int]] = ()  # with prompt_logprobs_k: the token after each computed token (or 0)
-    reads_history: bool = False  # a sampling row has penalties, which read its real last token: no run-ahead
+    # A sampling row has penalties or a grammar, which read its real last token: no run-ahead.
+    reads_history: bool = False
     # Only when a sequence asks for hidden states or steering, else empty:
     params: Sequence[SamplingParams] = ()  # each sequence's request params
     steering: Sequence[dict | None] = ()  # each sequence's steering as {layer: f32[D]}, or None
@@ -40,8 +41,10 @@ def _has_penalties(params: SamplingParams) -> bool:
 
 
 class StepBuilder:
-    def __init__(self, *, vocab_size: int, eos_token_ids: Iterable[int]):
+    def __init__(self, *, vocab_size: int, eos_token_ids: Iterable[int], matchers=None):
+        """`matchers`: the engine's structured.matchers.Matchers, which give constrained rows their bitmask."""
         self.vocab_size = vocab_size
+        self.matchers = matchers
         self.eos_token_ids = tuple(eos_token_ids)
         padding = SamplingRow(_PADDING_ROW_PARAMS, (), (), seed=0)
         self._padding = dataclasses.replace(padding, constants=RowConstants.of(padding, vocab_size))
@@ -59,7 +62,7 @@ class StepBuilder:
         for s in batch.scheduled:
             row = self._sampling_row(s)
             sampling.append(row)
-            history = history or bool(row.prompt_token_ids)
+            history = history or bool(row.prompt_token_ids) or row.token_bitmask is not None
             p = s.seq.group.params  # a prefill chunk that samples nothing still computes states
             research = research or bool(p.return_hidden_states or p.steering)
         params, steering = (), ()
@@ -96,12 +99,17 @@ class StepBuilder:
                               eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
             constants = self._constants[key] = RowConstants.of(row, self.vocab_size)
         history = _has_penalties(params)
+        bitmask = None
+        if params.structured_outputs is not None:
+            bitmask = self.matchers.bitmask(seq.request_id, seq.sample_index, seq.output_token_ids)
         return SamplingRow(params, seq.prompt_token_ids if history else (), seq.output_token_ids if history else (),
                            seed=seq.group.seed, sample_index=seq.sample_index, position=s.seq_len,
-                           constants=constants, num_output_tokens=seq.num_output_tokens)
+                           constants=constants, num_output_tokens=seq.num_output_tokens, token_bitmask=bitmask)
 
     def forget(self, group: SequenceGroup) -> None:
-        """The request finished or was aborted: drop its cached constants."""
+        """The request finished or was aborted: drop its cached constants and matchers."""
         for seq in group.seqs:
             self._constants.pop((group.request_id, seq.sample_index), None)
         self._steering.pop(group.request_id, None)
+        if self.matchers is not None:
+            self.matchers.forget(group.request_id)
