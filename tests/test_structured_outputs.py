@@ -66,6 +66,7 @@ def test_every_kind_validates_with_n3(tiny_llm, temperature):
         for sample in out.outputs:
             assert sample.finish_reason == "stop", (kind, sample.text)
             _check(kind, sample.text)
+    assert not llm.llm_engine.matchers._samples, "finished requests leave no matcher behind"
     free = llm.generate({"prompt_token_ids": _ids(0, 9)}, SamplingParams(temperature=0, max_tokens=20),
                         use_tqdm=False)[0].outputs[0].text
     with pytest.raises(ValueError):

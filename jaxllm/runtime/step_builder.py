@@ -7,7 +7,8 @@ request wants prompt logprobs, the successor of every token it computes. The eng
 """
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -30,6 +31,9 @@ class StepWork:
     successors: Sequence[Sequence[int]] = ()  # with prompt_logprobs_k: the token after each computed token (or 0)
     # A sampling row has penalties or a grammar, which read its real last token: no run-ahead.
     reads_history: bool = False
+    # With a constrained row: `sampling` with the grammar rows' bitmasks filled in. The runner calls it once the
+    # forward is dispatched, so the host fills the masks while the device runs the model.
+    fill_masks: Callable[[], Sequence[SamplingRow]] | None = None
     # Only when a sequence asks for hidden states or steering, else empty:
     params: Sequence[SamplingParams] = ()  # each sequence's request params
     steering: Sequence[dict | None] = ()  # each sequence's steering as {layer: f32[D]}, or None
@@ -58,13 +62,17 @@ class StepBuilder:
         # Without a previous step there is no placeholder, and a prompt's ids are not walked one by one.
         work = [SeqWork([fed_token(rows[id(s.seq)]) if t == RUN_AHEAD_TOKEN else t for t in s.token_ids]
                         if rows else s.token_ids, s.start_pos, s.block_table) for s in batch.scheduled]
-        sampling, history, research = [], False, False
-        for s in batch.scheduled:
+        sampling, history, research, constrained = [], False, False, []
+        for i, s in enumerate(batch.scheduled):
             row = self._sampling_row(s)
             sampling.append(row)
-            history = history or bool(row.prompt_token_ids) or row.token_bitmask is not None
+            if s.do_sample and s.seq.group.params.structured_outputs is not None:
+                constrained.append(i)
+            history = history or bool(row.prompt_token_ids)
             p = s.seq.group.params  # a prefill chunk that samples nothing still computes states
             research = research or bool(p.return_hidden_states or p.steering)
+        history = history or bool(constrained)
+        fill = functools.partial(self._fill_masks, batch, sampling, constrained) if constrained else None
         params, steering = (), ()
         if research:
             params = [s.seq.group.params for s in batch.scheduled]
@@ -72,11 +80,21 @@ class StepBuilder:
                         for s, p in zip(batch.scheduled, params)]
         wanted = [s.seq.group.params.prompt_logprobs for s in batch.scheduled if s.needs_prompt_logprobs]
         if not wanted:
-            return StepWork(work, sampling, reads_history=history, params=params, steering=steering)
+            return StepWork(work, sampling, reads_history=history, params=params, steering=steering,
+                            fill_masks=fill)
         successors = [[s.seq.token_ids[p + 1] if p + 1 < s.seq.num_prompt_tokens else 0
                        for p in range(s.start_pos, s.seq_len)] for s in batch.scheduled]
         return StepWork(work, sampling, max(wanted), successors, reads_history=history, params=params,
-                        steering=steering)
+                        steering=steering, fill_masks=fill)
+
+    def _fill_masks(self, batch: SchedulerOutput, sampling: Sequence[SamplingRow],
+                    constrained: Sequence[int]) -> list[SamplingRow]:
+        rows = list(sampling)
+        for i in constrained:
+            seq = batch.scheduled[i].seq
+            rows[i] = dataclasses.replace(rows[i], token_bitmask=self.matchers.bitmask(
+                seq.request_id, seq.sample_index, seq.output_token_ids))
+        return rows
 
     def _steering_arrays(self, group: SequenceGroup) -> dict[int, np.ndarray]:
         """The request's vectors as arrays, converted once: a [D] tuple costs ~0.1 ms per step to copy."""
@@ -99,12 +117,9 @@ class StepBuilder:
                               eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
             constants = self._constants[key] = RowConstants.of(row, self.vocab_size)
         history = _has_penalties(params)
-        bitmask = None
-        if params.structured_outputs is not None:
-            bitmask = self.matchers.bitmask(seq.request_id, seq.sample_index, seq.output_token_ids)
         return SamplingRow(params, seq.prompt_token_ids if history else (), seq.output_token_ids if history else (),
                            seed=seq.group.seed, sample_index=seq.sample_index, position=s.seq_len,
-                           constants=constants, num_output_tokens=seq.num_output_tokens, token_bitmask=bitmask)
+                           constants=constants, num_output_tokens=seq.num_output_tokens)
 
     def forget(self, group: SequenceGroup) -> None:
         """The request finished or was aborted: drop its cached constants and matchers."""
