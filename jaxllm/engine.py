@@ -3,7 +3,12 @@
 One step: Scheduler.schedule() -> block swaps and copies -> StepBuilder.build() -> ModelRunner.dispatch() (model +
 on-device sampler) -> ModelRunner.fetch() of the sampled ids -> Scheduler.update() -> OutputProcessor (detokenize,
 stop strings, logprobs) -> RequestOutputs of the requests that moved. With run-ahead, the next step is dispatched
-before this one's ids are fetched.
+before this one's ids are fetched, except after a step with a grammar-constrained row: its next mask needs the
+token just sampled.
+
+structured_outputs: process_request compiles the grammar (jaxllm/structured, on a worker pool within time and size
+limits; an invalid one is a ValueError there); each sample's matcher follows its output tokens, and the runner fills
+the step's bitmasks on the host while the device runs the forward.
 """
 
 import hashlib

@@ -16,4 +16,6 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_token_ids) -> llguid
     backend.no_padding()
     backend.no_truncation()
     eos = sorted(eos_token_ids)
+    if not eos:  # a grammar ends by allowing only EOS
+        raise ValueError("structured_outputs needs the model to have an EOS token.")
     return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos[0] if len(eos) == 1 else eos)
