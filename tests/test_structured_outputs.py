@@ -17,7 +17,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
                                            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
           "required": ["name", "age"], "additionalProperties": False}
 REGEX = r"[a-d]{2,4}-[0-9]{3}"
-CHOICES = ["red", "green", "blue jeans"]
+CHOICES = ["red", "green?", "blue (jeans) $5.*"]  # regex metacharacters stay literal
 GRAMMAR = 'start: "(" item ("," item)* ")"\nitem: /[xyz]/ | "n" /[0-9]/'
 GRAMMAR_RE = r"\((?:[xyz]|n[0-9])(?:,(?:[xyz]|n[0-9]))*\)"
 
