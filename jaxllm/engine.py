@@ -3,7 +3,12 @@
 One step: Scheduler.schedule() -> block swaps and copies -> StepBuilder.build() -> ModelRunner.dispatch() (model +
 on-device sampler) -> ModelRunner.fetch() of the sampled ids -> Scheduler.update() -> OutputProcessor (detokenize,
 stop strings, logprobs) -> RequestOutputs of the requests that moved. With run-ahead, the next step is dispatched
-before this one's ids are fetched.
+before this one's ids are fetched, except after a step with a grammar-constrained row: its next mask needs the
+token just sampled.
+
+structured_outputs: process_request compiles the grammar (jaxllm/structured, on a worker pool within time and size
+limits; an invalid one is a ValueError there); each sample's matcher follows its output tokens, and the runner fills
+the step's bitmasks on the host while the device runs the forward.
 """
 
 import hashlib
@@ -28,9 +33,12 @@ from jaxllm.scheduling.block_manager import BlockManager
 from jaxllm.scheduling.scheduler import Scheduler
 from jaxllm.scheduling.scheduler_output import SchedulerOutput
 from jaxllm.scheduling.sequence import SequenceGroup, SequenceStatus
+from jaxllm.structured.compiler import GrammarCompiler
+from jaxllm.structured.matchers import Matchers
+from jaxllm.structured.tokenizer import ll_tokenizer
 from jaxllm.text.output_processor import OutputProcessor
 from jaxllm.text.prompts import parse_prompt
-from jaxllm.validation import ProcessedRequest, validate_request
+from jaxllm.validation import ProcessedRequest, validate_request, validate_structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +75,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else
                                        self.model_config.eos_token_ids)
-        self.step_builder = StepBuilder(vocab_size=self.model_config.vocab_size, eos_token_ids=self.eos_token_ids)
+        self.matchers = Matchers(self.model_config.vocab_size, self.eos_token_ids)
+        self._grammar_compiler: GrammarCompiler | None = None  # built with the first constrained request
+        self.step_builder = StepBuilder(vocab_size=self.model_config.vocab_size, eos_token_ids=self.eos_token_ids,
+                                        matchers=self.matchers)
         self.counters = EngineCounters()
         self._limits = dict(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
                             max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
@@ -85,8 +96,16 @@ class LLMEngine:
         ids, params = validate_request(ids, SamplingParams() if params is None else params, **self._limits)
         if self.runner.channel is not None and (params.return_hidden_states or params.steering):
             raise ValueError("return_hidden_states and steering are not supported in a multi-node run.")
+        grammar = validate_structured_outputs(params, None if self.tokenizer is None else self._compile_grammar)
         return ProcessedRequest(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time,
-                                cache_salt)
+                                cache_salt, grammar)
+
+    def _compile_grammar(self, so):
+        """The request waits here while its grammar compiles on the compiler's pool (within its time limit)."""
+        if self._grammar_compiler is None:  # llguidance's tokenizer costs ~1 s on a large vocabulary: built once
+            self._grammar_compiler = GrammarCompiler(
+                ll_tokenizer(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids))
+        return self._grammar_compiler.compile(so)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **kwargs) -> None:
         self.add_processed_request(self.process_request(request_id, prompt, params, **kwargs))
@@ -96,6 +115,8 @@ class LLMEngine:
                               arrival_time=request.arrival_time, eos_token_id=tuple(self.eos_token_ids),
                               cache_salt=request.cache_salt, prompt=request.prompt)
         group.seed = self._seed_for(request.params)
+        if request.grammar is not None:
+            self.matchers.add(request.request_id, request.grammar)
         self.scheduler.add(group)
 
     def _seed_for(self, params: SamplingParams) -> int:
@@ -201,4 +222,6 @@ class LLMEngine:
             self.runner.fetch(self._in_flight.pending)
             self._in_flight = None
         self.runner.close()
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.close()
         self._heap.release()

@@ -37,6 +37,34 @@ class RequestOutputKind(enum.IntEnum):
     FINAL_ONLY = 2
 
 
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class StructuredOutputsParams:
+    """vLLM's constraint on the output: exactly one of a JSON schema (a dict or its JSON text), a regex, a list of
+    choices, a Lark grammar, or json_object=True (any JSON object). Whether a grammar compiles is checked when the
+    engine validates the request."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {kinds or 'none'}.")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured_outputs.{name} must be a string.")
+        if self.choice is not None:
+            if (not isinstance(self.choice, list | tuple) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings.")
+            object.__setattr__(self, "choice", list(self.choice))
+
+
 @dataclasses.dataclass(kw_only=True)
 class SamplingParams:
     """vLLM's SamplingParams (keyword-only here so that a positional call cannot silently shift fields).
@@ -73,6 +101,7 @@ class SamplingParams:
     # CompletionOutput.hidden_states, and vectors added to the stream after decoder layers (layer -> [D] values).
     return_hidden_states: bool | list[int] = False
     steering: dict[int, list[float]] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -109,6 +138,12 @@ class SamplingParams:
         self.return_hidden_states = _hidden_layers(self.return_hidden_states)
         if self.steering is not None:
             self.steering = _steering(self.steering)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}.")
         try:
             self.output_kind = RequestOutputKind(self.output_kind)
         except ValueError:

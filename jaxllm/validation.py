@@ -8,6 +8,7 @@ the limit; `ContextLengthExceededError` is the subclass the server maps to OpenA
 
 import dataclasses
 import numbers
+from collections.abc import Callable
 
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduling.block_manager import max_blocks_needed
@@ -31,6 +32,7 @@ class ProcessedRequest:
     params: SamplingParams
     arrival_time: float
     cache_salt: str | None = None
+    grammar: object | None = None  # with structured_outputs: the compiled template matcher
 
 
 def validate_prompt_token_ids(prompt_token_ids, *, vocab_size: int) -> list[int]:
@@ -133,3 +135,13 @@ def _check_research(params: SamplingParams, num_layers: int, hidden_size: int | 
         if hidden_size is not None and len(vector) != hidden_size:
             raise ValueError(f"steering[{layer}] must have {hidden_size} values (the hidden size), got "
                              f"{len(vector)}.")
+
+
+def validate_structured_outputs(params: SamplingParams, compile_grammar: Callable | None):
+    """The request's compiled grammar (None when unconstrained). `compile_grammar` raises ValueError naming the
+    field for an invalid grammar or one over the compile limits; None means the engine has no tokenizer."""
+    if params.structured_outputs is None:
+        return None
+    if compile_grammar is None:
+        raise ValueError("structured_outputs needs a tokenizer: the engine was started with skip_tokenizer_init.")
+    return compile_grammar(params.structured_outputs)

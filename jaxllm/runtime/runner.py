@@ -277,14 +277,21 @@ class ModelRunner:
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
                                    all_logits=k is not None)
         step_inputs = inputs.pack(work, layout, self.config.block_size)
-        metadata = SamplingMetadata.build(step.sampling, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
-        sampling, sampling_layout = transfer.pack(metadata)
         rows = _successor_rows(work, step.successors, layout.num_tokens, layout.num_seqs) if k is not None else ()
+        research_inputs, plan = None, None
         if step.params:  # a sequence asks for hidden states or steering
-            asked = research.build(step.params, step.steering, [len(w.token_ids) for w in work], layout,
-                                   self.model_config.hidden_size)
+            research_inputs, plan = research.build(step.params, step.steering, [len(w.token_ids) for w in work],
+                                                   layout, self.model_config.hidden_size)
             assert self.channel is None, "the engine refuses research features across hosts"
-            return self.device_step(layout, step_inputs, sampling, sampling_layout, k, rows, *asked)
+        if step.fill_masks is not None and self.channel is None:
+            logits, prompt, hidden = self._forward_step(layout, step_inputs, k, rows, research_inputs)
+            # The device runs the forward while the host fills the grammar masks.
+            _, sampling, sampling_layout = self._sampling_inputs(step.fill_masks(), layout)
+            return self._sample_step(logits, sampling, sampling_layout, layout), prompt, hidden, plan
+        metadata, sampling, sampling_layout = self._sampling_inputs(
+            step.sampling if step.fill_masks is None else step.fill_masks(), layout)
+        if research_inputs is not None:
+            return self.device_step(layout, step_inputs, sampling, sampling_layout, k, rows, research_inputs, plan)
         if self.channel is not None:
             self.channel.send("step", {"layout": dataclasses.astuple(layout), "sampling": _static_fields(metadata),
                                        "leaves": sampling_layout.leaves, "k": k},
@@ -295,6 +302,17 @@ class ModelRunner:
                     sampling_layout: transfer.PackedLayout, prompt_logprobs_k: int | None, rows,
                     research_inputs: ResearchInputs | None = None, plan: research.HiddenPlan | None = None):
         """The device half of `dispatch` (a follower runs it on what the leader sent)."""
+        logits, prompt, hidden = self._forward_step(layout, step_inputs, prompt_logprobs_k, rows, research_inputs)
+        return self._sample_step(logits, sampling, sampling_layout, layout), prompt, hidden, plan
+
+    def _sampling_inputs(self, rows, layout: BatchLayout):
+        """-> (SamplingMetadata, its packed buffer, the buffer's layout)."""
+        metadata = SamplingMetadata.build(rows, pad_rows_to=layout.num_seqs, vocab_size=self.vocab_size)
+        return (metadata, *transfer.pack(metadata))
+
+    def _forward_step(self, layout: BatchLayout, step_inputs: np.ndarray, prompt_logprobs_k: int | None, rows,
+                      research_inputs: ResearchInputs | None = None):
+        """-> (the logits the sampler reads, prompt logprobs or None, gathered hidden states or None)."""
         # Two host buffers, so the model step's compiled shape depends on the bucket only (one sliced on the device
         # would cost a dispatch of its own).
         logits = self.forward(self._stage(layout, step_inputs), layout, research_inputs)
@@ -304,9 +322,13 @@ class ModelRunner:
         prompt = None
         if prompt_logprobs_k is not None:
             logits, prompt = self._prompt_logprobs(logits, *rows, prompt_logprobs_k)
+        return logits, prompt, hidden
+
+    def _sample_step(self, logits: jax.Array, sampling: np.ndarray, sampling_layout: transfer.PackedLayout,
+                     layout: BatchLayout) -> SamplerOutput:
         sampled, self._last_tokens = self._sample(logits, sampling, sampling_layout, layout.num_seqs,
                                                   self._last_tokens)
-        return sampled, prompt, hidden, plan
+        return sampled
 
     def _stage(self, layout: BatchLayout, fresh: np.ndarray) -> jax.Array:
         """`fresh` (the step's host buffer) copied into this bucket's input buffer, which keeps its device address

@@ -2,7 +2,8 @@
 
 Legend: S rows (padded), V vocabulary size, T prompt tokens, k top logprobs returned.
 
-The order follows vLLM V1's Sampler: logprobs from the raw logits; then allowed_token_ids, min_tokens stop masking and
+The order follows vLLM V1's Sampler: logprobs from the raw logits; then a grammar's token bitmask (vLLM applies it
+before its sampler); then allowed_token_ids, min_tokens stop masking and
 logit_bias; then repetition / frequency / presence penalties; greedy rows take the argmax of that; random rows divide
 by temperature, drop tokens under min-p, then apply top-k and top-p, and draw with the Gumbel-max trick using the
 row's own key, fold_in(fold_in(PRNGKey(seed), sample_index), position), so a seeded request's tokens depend on
@@ -62,6 +63,12 @@ def _apply_masks_and_bias(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     return jnp.where(blocked, -jnp.inf, logits + bias)
 
 
+def unpack_bitmask(bitmask: jax.Array, vocab_size: int) -> jax.Array:
+    """Packed i32[S, ceil(V/32)] -> bool[S, V]: token t is allowed iff bit t % 32 of word t // 32 is set."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # i32[S, W, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size] != 0
+
+
 def _apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     """vLLM's apply_penalties: repetition over prompt + output tokens, presence / frequency over output tokens.
     Counts come from one scatter-add per history, O(S * (V + L)), no sort and no [S, L, V] one-hot."""
@@ -78,6 +85,8 @@ def _apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
 def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     """Raw logits f32[S, V] -> the logits greedy rows take the argmax of (masks, bias, penalties)."""
     logits = logits.astype(jnp.float32)
+    if md.any_grammar:
+        logits = jnp.where(unpack_bitmask(md.token_bitmask, logits.shape[-1]), logits, -jnp.inf)
     if md.any_bias_or_mask:
         logits = _apply_masks_and_bias(logits, md)
     if md.any_penalties:

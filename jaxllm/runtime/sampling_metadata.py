@@ -42,6 +42,7 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()
     constants: "RowConstants | None" = None  # RowConstants.of(this row), cached by a caller that builds every step
     num_output_tokens: int | None = None  # when given, the histories are read only for rows with penalties
+    token_bitmask: "np.ndarray | None" = None  # i32[ceil(V/32)]: a constrained row's allowed tokens, bit t = token t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +130,9 @@ def _check_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "greedy", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "seed", "sample_index", "position", "suppress_stop", "stop_ids", "bias_ids",
-                 "bias_values", "allowed_ids", "output_ids", "prompt_ids"],
-    meta_fields=["num_logprobs", "all_greedy", "any_penalties", "any_topk_topp_minp", "any_bias_or_mask"],
+                 "bias_values", "allowed_ids", "output_ids", "prompt_ids", "token_bitmask"],
+    meta_fields=["num_logprobs", "all_greedy", "any_penalties", "any_topk_topp_minp", "any_bias_or_mask",
+                 "any_grammar"],
 )
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
@@ -159,11 +161,14 @@ class SamplingMetadata:
     allowed_ids: jax.Array  # i32[S, Ka]  allowed_token_ids, -1 padded; a row with no entry is unrestricted
     output_ids: jax.Array  # i32[S, Lo]  generated tokens so far, -1 padded (presence/frequency/repetition)
     prompt_ids: jax.Array  # i32[S, Lp]  prompt tokens, -1 padded (repetition only, as vLLM)
+    # i32[S, ceil(V/32)] packed allowed-token bits (all ones on unconstrained rows); [S, 1] unless any_grammar.
+    token_bitmask: jax.Array
     num_logprobs: int = -1  # static: -1 none; else top-k width returned (a LOGPROBS_BUCKETS entry or larger)
     all_greedy: bool = True  # static: no row samples at random, so no noise is drawn
     any_penalties: bool = False  # static: some row has a presence, frequency or repetition penalty
     any_topk_topp_minp: bool = False  # static: some random row filters by top-k, top-p or min-p (needs a sort)
     any_bias_or_mask: bool = False  # static: some row has logit_bias, allowed_token_ids or masked stop ids
+    any_grammar: bool = False  # static: some row is constrained by a grammar (token_bitmask is full width)
 
     @property
     def num_rows(self) -> int:
@@ -210,6 +215,13 @@ class SamplingMetadata:
         )
         if max_logprobs >= 0:
             max_logprobs = next((b for b in LOGPROBS_BUCKETS if b >= max_logprobs), max_logprobs)
+        # Only steps with a constrained row carry the full-width mask: one more compiled variant per bucket, used by
+        # any number of requests, and unconstrained batches send no [S, V/32] array.
+        constrained = [i for i, r in enumerate(rows) if r.token_bitmask is not None]
+        flags["any_grammar"] = bool(constrained)
+        bitmask = np.full((S, (vocab_size + 31) // 32 if constrained else 1), -1, np.int32)
+        for i in constrained:
+            bitmask[i] = rows[i].token_bitmask
         history = flags["any_penalties"]
         masks = flags["any_bias_or_mask"]
         outputs = [r.output_token_ids for r in rows] if history else []
@@ -224,5 +236,5 @@ class SamplingMetadata:
             allowed_ids=_padded(allowed if masks else [], S),
             output_ids=_padded(outputs, S, MIN_HISTORY_BUCKET if history else 1),
             prompt_ids=_padded(prompts, S, MIN_HISTORY_BUCKET if history else 1),
-            num_logprobs=max_logprobs, **flags,
+            token_bitmask=bitmask, num_logprobs=max_logprobs, **flags,
         )
