@@ -11,13 +11,13 @@ from jaxllm.engine_stats import EngineStats
 from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.runtime.follower import run_worker
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.validation import ContextLengthExceededError, RequestTooLargeError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "SamplingParams", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "EngineStats", "RequestOutput",
-    "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "ContextLengthExceededError",
+    "LLM", "SamplingParams", "StructuredOutputsParams", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "EngineStats",
+    "RequestOutput", "CompletionOutput", "Logprob", "EngineStepError", "EngineDeadError", "ContextLengthExceededError",
     "RequestTooLargeError", "run_worker", "__version__",
 ]

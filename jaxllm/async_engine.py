@@ -91,7 +91,13 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self.engine.process_request(request_id, prompt, sampling_params, cache_salt=cache_salt)
+        if sampling_params.structured_outputs is None:
+            request = self.engine.process_request(request_id, prompt, sampling_params, cache_salt=cache_salt)
+        else:  # its grammar compiles for up to the compiler's time limit: off the event loop
+            request = await asyncio.to_thread(self.engine.process_request, request_id, prompt, sampling_params,
+                                              cache_salt=cache_salt)
+            if request_id in self._streams:  # taken while this one compiled
+                raise ValueError(f"request_id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         if self.errored is not None:  # the loop died after the check above and may have missed this stream

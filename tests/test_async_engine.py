@@ -2,11 +2,19 @@
 fails every stream and marks the engine unhealthy instead of hanging."""
 
 import asyncio
+import re
 
 import pytest
 
 from conftest import FIXTURES, TINY, golden
-from jaxllm import AsyncLLMEngine, EngineConfig, EngineDeadError, EngineStepError, SamplingParams
+from jaxllm import (
+    AsyncLLMEngine,
+    EngineConfig,
+    EngineDeadError,
+    EngineStepError,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 from waiting import async_wait_until, wait_until
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -149,3 +157,20 @@ def test_step_failure_fails_every_stream_and_marks_the_engine_dead():
         assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_usable_blocks
     finally:
         asyncio.run(engine.shutdown())
+
+
+@pytest.mark.timeout(120)
+def test_a_constrained_stream_follows_its_regex_beside_a_plain_one(engine):
+    """The grammar compiles off the event loop; the constrained stream's text matches, the plain one is unchanged."""
+    regex = "(ab|cd)[0-9]{2,4}x"
+    constrained = SamplingParams(temperature=1.0, seed=3, max_tokens=16,
+                                 structured_outputs=StructuredOutputsParams(regex=regex))
+    prompt = {"prompt_token_ids": G["prompt_2"].tolist()}
+
+    async def both():
+        return await asyncio.gather(_collect(engine, prompt, constrained, "regex"),
+                                    _collect(engine, prompt, GREEDY, "plain"))
+
+    regex_outs, plain_outs = asyncio.run(both())
+    assert re.fullmatch(regex, regex_outs[-1].outputs[0].text), regex_outs[-1].outputs[0].text
+    assert plain_outs[-1].outputs[0].token_ids == G["greedy_2"].tolist()
