@@ -78,9 +78,7 @@ class EngineConfig:
         _require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         _require(self.load_format in LOAD_FORMATS, "load_format",
                  f"must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        _require(self.quantization is None or self.quantization in (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES),
-                 "quantization", f"must be one of {(*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)} or None (the "
-                                 f"checkpoint's), got {self.quantization!r}")
+        quantization_method(self.quantization)
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")

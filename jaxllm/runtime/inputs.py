@@ -77,6 +77,20 @@ def pack(work: Sequence[SeqWork], layout: BatchLayout, block_size: int) -> np.nd
     return buffer
 
 
+def successor_rows(work: Sequence[SeqWork], successors: Sequence[Sequence[int]], num_tokens: int,
+                   num_seqs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's last token row, and every token row's successor id laid out like the step's tokens."""
+    last_rows = np.zeros(num_seqs, np.int32)
+    next_ids = np.zeros(num_tokens, np.int32)
+    start = 0
+    for s, (w, following) in enumerate(zip(work, successors)):
+        n = len(w.token_ids)
+        next_ids[start:start + n] = following
+        last_rows[s] = start + n - 1
+        start += n
+    return last_rows, next_ids
+
+
 def unpack(buffer: jax.Array, layout: BatchLayout) -> tuple[jax.Array, AttentionMetadata, jax.Array]:
     """Inside the jitted step: split the buffer back into (token_ids, metadata, logits_indices)."""
     arrays, offset = {}, 0  # the step's sections come first in the buffer; anything after them is not ours

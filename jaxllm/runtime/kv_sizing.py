@@ -133,19 +133,23 @@ def num_cpu_blocks(config: EngineConfig, bytes_per_block: int) -> int:
 def describe_memory(model, params: dict[str, jax.Array], plan: KVPlan, device: jax.Device) -> str:
     """One device's weights, the packed part of them when the model is quantized, and the KV cache they leave."""
     mine = {path: array for path, array in params.items() if device in array.sharding.device_set}
-    weights = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in mine.values())
+    weights = sum(map(_shard_bytes, mine.values()))
     kv = plan.num_blocks * plan.bytes_per_block
     packed = ""
     if model.quantization is not None:
         linears = quantized_paths(model)
-        packed_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                           for path, a in mine.items() if path.rpartition(".")[0] in linears)
+        packed_bytes = sum(_shard_bytes(a) for path, a in mine.items() if path.rpartition(".")[0] in linears)
         packed = f" ({model.quantization}: {_size(packed_bytes)} of it packed linears)"
     return f"weights {_size(weights)} per device{packed}; KV cache {_size(kv)} per device"
 
 
+def _shard_bytes(array: jax.Array) -> int:
+    return math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+
+
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.2f} MiB"
+
 
 def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
     return math.ceil(max_model_len / block_size)

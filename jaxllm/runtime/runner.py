@@ -20,7 +20,7 @@ runner broadcasts every device operation over jaxllm.distributed's channel and t
 import concurrent.futures
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,6 @@ class ModelRunner:
         # Split once: the step is a pure function of the state ({path: array}, the module's own arrays) and rebuilds
         # the module inside its trace; `self.model` stays the live module (`LLM.model`).
         self._layout, self.params = ModuleLayout.split(self.model)
-        self.model_dtype = self.model.dtype  # the KV cache's too (a quantized model's first param may be packed ints)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu" if self.platform == "cpu" else "gpu"], config.max_num_seqs)
         # Outputs pinned to the shardings their buffers start with, or a bucket's second step misses jit's cache
@@ -134,7 +133,7 @@ class ModelRunner:
 
     @property
     def kv_dtype(self):
-        return jnp.dtype(self.model_dtype)
+        return jnp.dtype(self.model.dtype)  # not the first param's: a quantized model's may be packed ints
 
     @property
     def vocab_size(self) -> int:
@@ -277,7 +276,7 @@ class ModelRunner:
         layout = self.buckets.pick(sum(len(w.token_ids) for w in work), len(work), decode_only=decode_only,
                                    all_logits=k is not None)
         step_inputs = inputs.pack(work, layout, self.config.block_size)
-        rows = _successor_rows(work, step.successors, layout.num_tokens, layout.num_seqs) if k is not None else ()
+        rows = inputs.successor_rows(work, step.successors, layout.num_tokens, layout.num_seqs) if k is not None else ()
         research_inputs, plan = None, None
         if step.params:  # a sequence asks for hidden states or steering
             research_inputs, plan = research.build(step.params, step.steering, [len(w.token_ids) for w in work],
@@ -392,17 +391,3 @@ def _fetch(tree):
     """Device -> host. Across hosts an array spans devices this process cannot read; the outputs are replicated,
     so this process's own copy is the whole value."""
     return jax.device_get(jax.tree.map(lambda a: a if a.is_fully_addressable else a.addressable_data(0), tree))
-
-
-def _successor_rows(work: Sequence[inputs.SeqWork], successors: Sequence[Sequence[int]], num_tokens: int,
-                    num_seqs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each sequence's last token row, and every token row's successor id laid out like the step's tokens."""
-    last_rows = np.zeros(num_seqs, np.int32)
-    next_ids = np.zeros(num_tokens, np.int32)
-    start = 0
-    for s, (w, following) in enumerate(zip(work, successors)):
-        n = len(w.token_ids)
-        next_ids[start:start + n] = following
-        last_rows[s] = start + n - 1
-        start += n
-    return last_rows, next_ids
