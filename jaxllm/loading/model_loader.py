@@ -131,8 +131,9 @@ def _from_gguf(checkpoint, *, load_format: str, dtype: str, mesh, trust_remote_c
         return _dummy(config, dtype, mesh, kernel_backend, seed, quantization)
     quant_format = gguf_quant_format(checkpoint)
     if quant_format is not None and quantization is None and resolve_backend(kernel_backend) != TRITON:
-        # No quantized kernel on this backend: its jnp path would dequantize every weight in every step (the
-        # default model decoded 2-4x slower on CPU), so the file is dequantized once, as asked unless -q gguf.
+        # No quantized kernel on this backend: its jnp path would dequantize every weight in every step (0.72x the
+        # default model's output tokens/s on CPU: benchmarks/RESULTS.md), so the file is dequantized once, unless
+        # -q gguf asks for it packed.
         logger.info("%s: GGUF linears dequantized on load (backend %s has no quantized kernel; -q gguf keeps "
                     "them packed)", checkpoint.path, resolve_backend(kernel_backend))
         quant_format = None
